@@ -1,0 +1,236 @@
+"""Structured configs: the schema every composed ``conf/train.yaml`` is checked against.
+
+Hydra composes YAML from ``conf/``; :func:`validate` then merges the result into these
+dataclasses, so a wrong type fails in OmegaConf and a wrong range or choice fails in the
+``__post_init__`` checks below, each with a message that names the key, the bad value and
+what is allowed. The schemas are also registered in Hydra's ConfigStore (group ``schema``)
+so ``gnnq train --cfg job`` tooling and IDEs can see them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gnnq.errors import GnnqError, choice_error
+
+DATASETS = (
+    "cora", "citeseer", "pubmed",
+    "coauthor_cs", "coauthor_physics", "amazon_computers", "amazon_photo",
+    "ogbn_arxiv",
+    "mutag", "proteins", "reddit_binary",
+    "zinc",
+    "synthetic", "synthetic_graphs",
+)
+MODELS = ("gcn", "gin", "gat")
+SCHEDULERS = ("none", "step", "cosine", "plateau")
+STRATEGIES = ("task_gradient",)
+TRACKING_BACKENDS = ("mlflow", "none")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise choice_error(f"value for {key}:", value, choices)
+
+
+def _check_range(key: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and value > high)
+    if bad:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        rule = " and ".join(s for s in (lo, hi) if s)
+        raise GnnqError(f"Invalid value for {key}: {value!r}. It must be {rule}.")
+
+
+@dataclass
+class DataRootConfig:
+    """Where datasets live. ``root`` holds ``planetoid/``, ``coauthor/``, ``amazon/``, ``tu/``,
+    ``ogb/`` and ``zinc/`` folders laid out as PyG/OGB expect."""
+
+    root: str = "data"
+    # "auto": download missing files only when the host answers within a few seconds.
+    download: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("data.download", self.download, ("auto", "never"))
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "cora"
+    # Planetoid: "public" (the fixed Yang et al. split) or "random" (20/class, 500 val, 1000 test).
+    split: str = "public"
+    # Random per-class splits (Coauthor, Amazon, Planetoid random): sizes per class / in total.
+    train_per_class: int = 20
+    val_per_class: int = 30
+    num_val: int = 500
+    num_test: int = 1000
+    # Seed of the random split; null means the run's seed (a new split for every run).
+    split_seed: Optional[int] = None
+    # Cross-validation (TU datasets): number of folds and the fixed seed of the fold assignment.
+    folds: int = 10
+    fold_seed: int = 12345
+    # Row-normalise node features (PyG's NormalizeFeatures); off by default like both papers.
+    normalize_features: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset.name", self.name, DATASETS)
+        _check_choice("dataset.split", self.split, ("public", "random"))
+        for key in ("train_per_class", "val_per_class", "num_val", "num_test"):
+            _check_range(f"dataset.{key}", getattr(self, key), 1)
+        _check_range("dataset.folds", self.folds, 2)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gcn"
+    hidden: int = 16
+    layers: int = 2
+    dropout: float = 0.5
+    # GAT: attention heads of the hidden layers, of the output layer, attention dropout.
+    heads: int = 8
+    out_heads: int = 1
+    attn_dropout: float = 0.6
+    # GIN: learn the epsilon of (1 + eps) * x_i; MLP depth inside each GIN layer.
+    train_eps: bool = False
+    mlp_layers: int = 2
+    # Graph-level models: readout over nodes and BatchNorm after each layer.
+    pooling: str = "sum"
+    batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("model.name", self.name, MODELS)
+        _check_range("model.hidden", self.hidden, 1)
+        _check_range("model.layers", self.layers, 1)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0)
+        _check_range("model.attn_dropout", self.attn_dropout, 0.0, 1.0)
+        _check_range("model.heads", self.heads, 1)
+        _check_range("model.out_heads", self.out_heads, 1)
+        _check_range("model.mlp_layers", self.mlp_layers, 1)
+        _check_choice("model.pooling", self.pooling, ("sum", "mean", "max"))
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"
+    step_size: int = 50
+    gamma: float = 0.5
+    patience: int = 10
+
+    def __post_init__(self) -> None:
+        _check_choice("trainer.scheduler.name", self.name, SCHEDULERS)
+        _check_range("trainer.scheduler.step_size", self.step_size, 1)
+        _check_range("trainer.scheduler.gamma", self.gamma, 0.0, 1.0, low_open=True)
+        _check_range("trainer.scheduler.patience", self.patience, 0)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 200
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Stop a run when validation has not improved for this many epochs (null: never).
+    early_stopping: Optional[int] = None
+    # "auto": a progress bar on a terminal, quiet log lines otherwise.
+    progress: str = "auto"
+    device: str = "cpu"
+    # Where checkpoints and summaries go; relative paths are inside the Hydra output dir.
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("trainer.epochs", self.epochs, 1)
+        _check_range("trainer.lr", self.lr, 0.0, low_open=True)
+        _check_range("trainer.weight_decay", self.weight_decay, 0.0)
+        _check_range("trainer.batch_size", self.batch_size, 1)
+        if self.early_stopping is not None:
+            _check_range("trainer.early_stopping", self.early_stopping, 1)
+        _check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))
+
+
+@dataclass
+class StrategyConfig:
+    """How gradients are formed: the plain task gradient, or a method's own rule."""
+
+    name: str = "task_gradient"
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy.name", self.name, STRATEGIES)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "gnnq"
+    run_name: Optional[str] = None
+    # Seconds to wait for a remote tracking server before giving up with a clear message.
+    connect_timeout: float = 10.0
+    log_checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        _check_range("tracking.connect_timeout", self.connect_timeout, 0.0, low_open=True)
+
+
+@dataclass
+class TrainConfig:
+    task_name: str = "train"
+    seed: int = 0
+    # Repeats with seeds seed, seed+1, ...; on cross-validated datasets repeat r uses fold r.
+    runs: int = 1
+    # What `gnnq train` returns to a Hydra sweeper (validation, never test: no tuning on test).
+    optimized_metric: str = "val_acc"
+    tags: dict[str, str] = field(default_factory=dict)
+    data: DataRootConfig = field(default_factory=DataRootConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Absent (null) means full precision; a quantization method's own schema checks it.
+    quant: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        _check_range("runs", self.runs, 1)
+        allowed = ("val_acc", "test_acc", "val_mae", "test_mae", "val_metric")
+        _check_choice("optimized_metric", self.optimized_metric, allowed)
+
+
+def register_configs() -> None:
+    """Make the schemas visible to Hydra (``schema/train`` etc.)."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="train", node=TrainConfig)
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check a composed config against the schema; return the typed, validated object.
+
+    Keys that Hydra adds (``hydra``) and keys a quantization method owns (``quant``) are
+    checked elsewhere; everything else must match :class:`TrainConfig` exactly.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise GnnqError(_describe_omegaconf_error(err)) from None
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    if "not in struct" in str(err) or "Key '" in message and "not in" in message:
+        return (f"Unknown config option {key!r}. Run 'gnnq train --cfg job' to see every "
+                f"option and its current value ({message}).")
+    return f"Invalid config value for {key!r}: {message}."
