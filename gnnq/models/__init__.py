@@ -1,0 +1,78 @@
+"""GNN layers with quantizer hooks by tensor role, and the models built from them.
+
+:func:`build_model` turns a :class:`~gnnq.config.ModelConfig` and a
+:class:`~gnnq.data.task.Task` into a model. Every layer gets its quantizers from the factory
+through :func:`~gnnq.quant.base.layer_quantizers` with a
+:class:`~gnnq.quant.base.LayerSpec` named after its module path, so a method can place a
+quantizer on any role of any layer without touching the layers. Without a factory the
+model is FP32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from gnnq.config import ModelConfig
+from gnnq.data.task import Task
+from gnnq.errors import GnnqError, choice_error
+from gnnq.models.gat_conv import QGATConv
+from gnnq.models.gcn_conv import QGCNConv, gcn_norm
+from gnnq.models.gin_conv import QGINConv
+from gnnq.models.graph import GraphGCN, GraphGIN
+from gnnq.models.node import GAT, GCN, GIN
+from gnnq.models.qlinear import QLinear
+from gnnq.quant.base import QuantizerFactory
+
+NODE_MODELS = ("gcn", "gin", "gat")
+GRAPH_MODELS = ("gcn", "gin")
+
+__all__ = [
+    "build_model", "NODE_MODELS", "GRAPH_MODELS",
+    "QLinear", "QGCNConv", "QGINConv", "QGATConv", "gcn_norm",
+    "GCN", "GIN", "GAT", "GraphGCN", "GraphGIN",
+]
+
+
+def build_model(cfg: ModelConfig, task: Task,
+                quantizers: Optional[QuantizerFactory] = None) -> nn.Module:
+    """The model ``cfg.name`` for ``task``: node-level (logits ``[N, C]``) or graph-level
+    (``[B, C]``, or ``[B]`` for regression), quantized by ``quantizers`` (``None``: FP32)."""
+    out_channels = 1 if task.metric == "mae" else task.num_classes
+    if task.level == "node":
+        return _node_model(cfg, task, out_channels, quantizers)
+    return _graph_model(cfg, task, out_channels, quantizers)
+
+
+def _node_model(cfg: ModelConfig, task: Task, out_channels: int,
+                quantizers: Optional[QuantizerFactory]) -> nn.Module:
+    if task.num_embeddings is not None:
+        raise GnnqError(f"Dataset {task.name!r} has categorical node features; embedding them "
+                        "is only supported for graph-level tasks.")
+    common = dict(in_channels=task.num_features, out_channels=out_channels,
+                  hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
+                  quantizers=quantizers, num_nodes=task.graph.num_nodes)
+    if cfg.name == "gcn":
+        return GCN(**common)
+    if cfg.name == "gin":
+        return GIN(**common, mlp_layers=cfg.mlp_layers, train_eps=cfg.train_eps)
+    if cfg.name == "gat":
+        return GAT(**common, heads=cfg.heads, out_heads=cfg.out_heads,
+                   attn_dropout=cfg.attn_dropout)
+    raise choice_error("model", cfg.name, NODE_MODELS)
+
+
+def _graph_model(cfg: ModelConfig, task: Task, out_channels: int,
+                 quantizers: Optional[QuantizerFactory]) -> nn.Module:
+    common = dict(in_channels=task.num_features, out_channels=out_channels,
+                  hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
+                  pooling=cfg.pooling, batch_norm=cfg.batch_norm,
+                  num_embeddings=task.num_embeddings, quantizers=quantizers)
+    if cfg.name == "gin":
+        return GraphGIN(**common, mlp_layers=cfg.mlp_layers, train_eps=cfg.train_eps)
+    if cfg.name == "gcn":
+        return GraphGCN(**common)
+    raise GnnqError(f"Model {cfg.name!r} is not available for graph-level tasks (dataset "
+                    f"{task.name!r}). Models for graph-level tasks: "
+                    f"{', '.join(sorted(GRAPH_MODELS))}.")

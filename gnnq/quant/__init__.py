@@ -1,0 +1,25 @@
+"""Quantization methods, each a factory of role -> quantizer mappings (see ``base``)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from gnnq.data.task import Task
+from gnnq.errors import GnnqError, choice_error
+from gnnq.quant.base import QuantizerFactory
+
+#: name -> builder(quant config dict, task) -> QuantizerFactory. Methods register here.
+METHODS: dict[str, Callable[[dict[str, Any], Task], QuantizerFactory]] = {}
+
+
+def build_quantizers(quant: Optional[dict[str, Any]], task: Task) -> Optional[QuantizerFactory]:
+    """The factory for ``quant`` (``None``: full precision, every role the identity)."""
+    if quant is None:
+        return None
+    name = quant.get("name")
+    if name not in METHODS:
+        if not METHODS:
+            raise GnnqError(f"Unknown quantization method {name!r}: this build of gnnq has no "
+                            f"quantization methods yet; leave out +quant for FP32.")
+        raise choice_error("quantization method (quant.name)", name, METHODS)
+    return METHODS[name](quant, task)

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 #: The tensor roles a layer exposes, in the order data flows through a message-passing layer.
-ROLES = ("input", "weight", "feature", "message", "aggregate", "update", "attention")
-
-#: Roles whose tensors are node/edge features (activations) rather than parameters.
-ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "attention")
+#: ``attention`` is GAT's attention vectors (a parameter, like ``weight``); ``score`` is its
+#: per-edge logits before LeakyReLU (A²Q quantizes both, separately).
+ROLES = ("input", "weight", "feature", "message", "aggregate", "update", "attention", "score")
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,20 @@ class RoleQuantizers(nn.Module):
         unknown = set(quantizers) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown quantizer roles {sorted(unknown)}; roles are {ROLES}")
-        self.by_role = nn.ModuleDict(quantizers)
+        # Children named by role (not an nn.ModuleDict: its ``update`` method shadows a role).
+        for role, quantizer in quantizers.items():
+            self.add_module(role, quantizer)
+
+    @property
+    def by_role(self) -> dict[str, Quantizer]:
+        return dict(self.named_children())
 
     def has(self, role: str) -> bool:
-        return role in self.by_role
+        return role in self._modules
 
     def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        if role in self.by_role:
-            return self.by_role[role](x)
-        return x
+        quantizer = self._modules.get(role)
+        return x if quantizer is None else quantizer(x)
 
 
 def layer_quantizers(factory: Optional[QuantizerFactory], spec: LayerSpec) -> RoleQuantizers:

@@ -1,0 +1,146 @@
+"""The ``gnnq`` command: subcommands over Hydra's compose.
+
+``gnnq train [hydra args]`` hands everything after the word ``train`` to a Hydra app whose
+config is ``conf/train.yaml``, so ``-m``, ``--cfg job``, ``--help`` and ``hydra.run.dir=``
+all behave as in any Hydra program. User mistakes print one paragraph and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from gnnq.errors import GnnqError, choice_error
+
+CONF_DIR_ENV = "GNNQ_CONFIG_DIR"
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("gnnq")
+
+
+def config_dir() -> Path:
+    """``conf/`` as an absolute path (Hydra turns a relative one into a module path)."""
+    path = Path(os.environ.get(CONF_DIR_ENV) or Path(__file__).resolve().parent.parent / "conf")
+    if not (path / "train.yaml").is_file():
+        raise GnnqError(f"gnnq's config folder was not found at {path} (it needs train.yaml). "
+                        f"Install gnnq from its source tree (pip install -e .) or set "
+                        f"{CONF_DIR_ENV} to the folder holding train.yaml.")
+    return path
+
+
+def _quiet_third_party_noise() -> None:
+    for pattern in ("torch.jit.script is deprecated", ".*Sparse CSR tensor support is in beta",
+                    ".*noload.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    sys.modules.setdefault("outdated", None)  # ogb's import-time version check has no timeout
+    # MLflow 3 phones home at import; offline clusters would wait on it.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def _train(args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from gnnq.config import register_configs, validate
+    from gnnq.tracking import sweep
+
+    register_configs()
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def train_job(cfg: DictConfig) -> float:
+        from gnnq.train.experiment import run_experiment
+
+        hydra_cfg = HydraConfig.get()
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        try:
+            config = validate(cfg)
+            summary = run_experiment(
+                config, output_dir,
+                parent_run_id=sweep.parent_run_id_for(output_dir) if multirun else None,
+                job_overrides=hydra_cfg.job.override_dirname if multirun else "")
+        except GnnqError as err:
+            print(f"gnnq: error: {err}", file=sys.stderr)
+            if not multirun:
+                raise SystemExit(EXIT_USER_ERROR) from None
+            # Keep the sweep going: this job is marked failed, the others still run.
+            (output_dir / sweep.FAILED_MARKER).write_text(str(err))
+            return float("nan")
+        metrics = summary["metrics"]
+        _print_result(metrics, output_dir)
+        return metrics.get(config.optimized_metric, float("nan"))
+
+    sys.argv = ["gnnq train", *args]
+    train_job()
+    if sweep.failed_jobs:
+        print(f"gnnq: {len(sweep.failed_jobs)} job(s) of the sweep failed; their messages are "
+              f"above and in the FAILED file of each: {', '.join(sweep.failed_jobs)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_result(metrics: dict[str, float], output_dir: Path) -> None:
+    parts = []
+    for key in ("test_acc", "test_mae", "val_acc", "val_mae", "best_test_acc", "best_test_mae"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.2f} ± {metrics[key + '_std']:.2f}")
+    parts.append(f"avg_bits {metrics.get('avg_bits', float('nan')):.2f}")
+    parts.append(f"compression_ratio {metrics.get('compression_ratio', float('nan')):.2f}x")
+    print("gnnq: " + ", ".join(parts) + f" (outputs in {output_dir})")
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "train": ("train and evaluate a configuration; Hydra overrides follow "
+              "(gnnq train --help lists the config groups)", _train),
+}
+
+USAGE = """usage: gnnq <command> [arguments]
+
+Config-driven experiments for quantized graph neural networks.
+
+commands:
+{commands}
+
+examples:
+  gnnq train dataset=cora model=gcn
+  gnnq train -m dataset=cora,citeseer model=gcn,gat runs=10
+  gnnq train +experiment=fp32_gat_cora
+  gnnq train --cfg job dataset=citeseer
+"""
+
+
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [f"  {name:<{width}}  {help_}" for name, (help_, _) in SUBCOMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else EXIT_USER_ERROR
+    command, rest = args[0], args[1:]
+    try:
+        if command not in SUBCOMMANDS:
+            raise choice_error("command", command, SUBCOMMANDS)
+        _quiet_third_party_noise()
+        return SUBCOMMANDS[command][1](rest)
+    except GnnqError as err:
+        print(f"gnnq: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("gnnq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

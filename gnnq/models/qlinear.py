@@ -1,0 +1,81 @@
+"""A linear layer whose input, weight and output pass through fake quantizers."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gnnq.models.utils import reset_quantizers
+from gnnq.quant.base import RoleQuantizers
+
+
+class QLinear(nn.Module):
+    r"""Applies a linear transform with quantized operands,
+
+    .. math::
+        \mathbf{Y} = Q_{\text{feature}}\!\left(Q_{\text{input}}(\mathbf{X})\,
+        Q_{\text{weight}}(\mathbf{W})^{\top}\right) + \mathbf{b}.
+
+    The weight is quantized inside :meth:`forward`, so a fake quantizer's straight-through
+    gradient reaches the full-precision ``W``. The bias stays FP32 and is added after the
+    ``feature`` quantizer. Roles other than ``input``, ``weight`` and ``feature`` are
+    ignored.
+
+    Args:
+        in_channels (int): Size of each input sample.
+        out_channels (int): Size of each output sample.
+        bias (bool, optional): Learn an additive bias. (default: :obj:`True`)
+        quantizers (RoleQuantizers, optional): The layer's quantizers by role; missing roles
+            are the identity. (default: :obj:`None`, FP32)
+        weight_initializer (str, optional): ``"glorot"`` (with a zero bias; GCN/GAT) or
+            ``"kaiming_uniform"`` (the :class:`torch.nn.Linear` default; MLPs).
+            (default: :obj:`"kaiming_uniform"`)
+
+    Shapes:
+        - **input:** :math:`(*, F_{in})`; the ``input`` quantizer sees this tensor.
+        - **weight:** :math:`(F_{out}, F_{in})`, one row per output channel.
+        - **output:** :math:`(*, F_{out})`; the ``feature`` quantizer sees it before the bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True,
+                 quantizers: Optional[RoleQuantizers] = None,
+                 weight_initializer: str = "kaiming_uniform") -> None:
+        super().__init__()
+        if weight_initializer not in ("glorot", "kaiming_uniform"):
+            raise ValueError(f"unknown weight_initializer {weight_initializer!r}; "
+                             "use 'glorot' or 'kaiming_uniform'")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.weight_initializer = weight_initializer
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.q = quantizers if quantizers is not None else RoleQuantizers()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight_initializer == "glorot":
+            nn.init.xavier_uniform_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            # Same draw as torch.nn.Linear, so FP32 MLPs train as the reference models do.
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_channels) if self.in_channels > 0 else 0.0
+                nn.init.uniform_(self.bias, -bound, bound)
+        reset_quantizers(self.q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(self.q("input", x), self.q("weight", self.weight))
+        out = self.q("feature", out)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"

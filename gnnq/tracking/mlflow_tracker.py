@@ -1,0 +1,179 @@
+"""MLflow tracking: one run per job, children under a sweep's parent run.
+
+Uses ``MlflowClient`` with explicit run ids (no fluent global "active run"), so jobs that
+Hydra runs one after another in one process, or in parallel in several, never share state.
+Writes go out in batches within MLflow's limits (100 params, 1000 metrics per request) and
+are retried, because parallel jobs writing into one SQLite store can meet a locked database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, TypeVar
+
+from gnnq.config import TrackingConfig
+from gnnq.errors import GnnqError
+
+log = logging.getLogger(__name__)
+
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+PARAM_VALUE_LIMIT = 6000
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+T = TypeVar("T")
+
+
+def _limit_http_retries(timeout: float) -> None:
+    # MLflow's own defaults retry a dead server for minutes; a user wants to know in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout, 1))))
+
+
+def check_reachable(uri: str, timeout: float) -> None:
+    """Fail fast, before any training, when the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise GnnqError(
+                f"The MLflow tracking server at {uri} did not answer within {timeout:g} s "
+                f"({getattr(err, 'reason', err)}). Start it (for example 'make ui'), point "
+                f"tracking.uri at a running server or a local store (sqlite:///mlflow.db), "
+                f"or run without tracking: tracking=none.") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise GnnqError(
+                f"The MLflow store {uri} cannot be written: {folder} is not a writable folder. "
+                f"Set tracking.uri to a writable location or use tracking=none.")
+
+
+def _retry(what: str, call: Callable[[], T], attempts: int = 6) -> T:
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; locked DBs among them
+            if attempt == attempts - 1:
+                raise
+            log.debug("retrying %s after %s", what, err)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys for a nested dict/list config, values as strings."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: str(tree)[:PARAM_VALUE_LIMIT]}
+    flat: dict[str, str] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    if not flat and prefix:
+        flat[prefix] = "{}" if isinstance(tree, dict) else "[]"
+    return flat
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Tracker:
+    """No tracking (``tracking=none``): every call does nothing."""
+
+    run_id: Optional[str] = None
+
+    def start(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str]) -> None: ...
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
+    def flush(self) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, cfg: TrackingConfig) -> None:
+        _limit_http_retries(cfg.connect_timeout)
+        check_reachable(cfg.uri, cfg.connect_timeout)
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.run_id = None
+        self._pending: list = []
+
+    def experiment_id(self) -> str:
+        return _retry("experiment", lambda: get_or_create_experiment(self.client, self.cfg.experiment))
+
+    def start(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str]) -> None:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        experiment_id = self.experiment_id()
+        run = _retry("create run", lambda: self.client.create_run(
+            experiment_id, run_name=run_name, tags=tags))
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        entries = [Param(k, v) for k, v in sorted(params.items())]
+        for chunk in _chunks(entries, PARAMS_PER_BATCH):
+            _retry("log params", lambda: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        """Buffered: sent by :meth:`flush` (per-epoch metrics would cost a request each)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        if len(self._pending) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for chunk in _chunks(pending, METRICS_PER_BATCH):
+            _retry("log metrics", lambda: self.client.log_batch(self.run_id, metrics=chunk))
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            _retry("log artifacts", lambda: self.client.log_artifacts(
+                self.run_id, str(path), artifact_path))
+        elif path.exists():
+            _retry("log artifact", lambda: self.client.log_artifact(
+                self.run_id, str(path), artifact_path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        _retry("end run", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def make_tracker(cfg: TrackingConfig) -> Tracker:
+    return MlflowTracker(cfg) if cfg.backend == "mlflow" else Tracker()

@@ -1,0 +1,149 @@
+"""One job of ``gnnq train``: load, build, fit every run, summarise, track.
+
+The flow is the architecture's chain, one call per arrow: validated config → task →
+quantizer factory → trainer (per run) → summary → tracker. Finished runs are never lost:
+each run's checkpoint is written as soon as it ends, and the summary (of the runs that
+finished) is written to the output folder before anything is sent to the tracker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from gnnq import __version__
+from gnnq.config import TrainConfig
+from gnnq.data import load_task
+from gnnq.errors import GnnqError
+from gnnq.quant import build_quantizers
+from gnnq.tracking.mlflow_tracker import Tracker, flatten, make_tracker
+from gnnq.train.metrics import mean_std
+from gnnq.train.trainer import RunResult, Trainer
+
+log = logging.getLogger(__name__)
+
+FINAL_KEYS = ("val", "test", "best_test")
+
+
+def summarise(results: list[RunResult], metric: str) -> dict[str, float]:
+    """Final metrics: mean (and ``_std``) over runs of each selection rule, bits, compression."""
+    summary: dict[str, float] = {}
+    for key in FINAL_KEYS:
+        mean, std = mean_std(getattr(r, key) for r in results)
+        summary[f"{key}_{metric}"], summary[f"{key}_{metric}_std"] = mean, std
+    summary["avg_bits"], summary["avg_bits_std"] = mean_std(r.avg_bits for r in results)
+    summary["compression_ratio"], _ = mean_std(r.compression_ratio for r in results)
+    summary["runs_completed"] = float(len(results))
+    return summary
+
+
+def default_run_name(config: TrainConfig, job_overrides: str = "") -> str:
+    method = (config.quant or {}).get("name", "fp32")
+    name = f"{config.model.name}-{config.dataset.name}-{method}"
+    return f"{name} [{job_overrides}]" if job_overrides else name
+
+
+def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optional[str] = None,
+                   job_overrides: str = "") -> dict[str, Any]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(config.tracking)  # fails fast on an unreachable store
+    task = load_task(config.data, config.dataset)
+    quantizers = build_quantizers(config.quant, task)
+    metric = task.metric
+
+    tracker.start(config.tracking.run_name or default_run_name(config, job_overrides),
+                  tags=_tags(config), parent_run_id=parent_run_id)
+    tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
+
+    def on_epoch(run: int, epoch: int, scores: dict[str, float]) -> None:
+        tracker.log_metrics({f"run{run}.{_epoch_key(k, metric)}": v for k, v in scores.items()},
+                            step=epoch)
+
+    trainer = Trainer(config, task, quantizers, on_epoch=on_epoch)
+    results: list[RunResult] = []
+    started = time.time()
+    status, error = "FINISHED", None
+    try:
+        for run in range(config.runs):
+            result = trainer.fit(run)
+            results.append(result)
+            if config.trainer.checkpoint:
+                _save_checkpoint(output_dir, config, task, result)
+            log.info("run %d (seed %d%s): val %.2f test %.2f best test %.2f at epoch %d, "
+                     "avg bits %.2f", run, result.seed,
+                     "" if result.fold is None else f", fold {result.fold}", result.val,
+                     result.test, result.best_test, result.best_epoch, result.avg_bits)
+    except GnnqError as err:
+        status, error = "FAILED", err
+    summary = _write_summary(output_dir, config, task, results, metric, time.time() - started,
+                             error)
+    _finish_tracking(tracker, output_dir, summary["metrics"], status, config)
+    if error is not None:
+        raise error
+    return summary
+
+
+def _epoch_key(key: str, metric: str) -> str:
+    return key if key.endswith("loss") else f"{key}_{metric}"
+
+
+def _tags(config: TrainConfig) -> dict[str, str]:
+    return {"gnnq.version": __version__, "dataset": config.dataset.name,
+            "model": config.model.name, "method": (config.quant or {}).get("name", "fp32"),
+            **{str(k): str(v) for k, v in config.tags.items()}}
+
+
+def _save_checkpoint(output_dir: Path, config: TrainConfig, task, result: RunResult) -> None:
+    folder = output_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    meta = {k: v for k, v in asdict(result).items() if k != "state_dict"}
+    torch.save({"state_dict": result.state_dict, "result": meta,
+                "config": OmegaConf.to_container(OmegaConf.structured(config)),
+                "task": {"name": task.name, "level": task.level, "num_features": task.num_features,
+                         "num_classes": task.num_classes, "metric": task.metric}},
+               folder / f"run{result.run}.pt")
+
+
+def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[RunResult],
+                   metric: str, seconds: float, error: Optional[Exception]) -> dict[str, Any]:
+    metrics = summarise(results, metric) if results else {"runs_completed": 0.0}
+    summary = {
+        "metrics": metrics,
+        "runs": [{k: v for k, v in asdict(r).items() if k != "state_dict"} for r in results],
+        "runs_requested": config.runs,
+        "dataset": task.name, "model": config.model.name,
+        "method": (config.quant or {}).get("name", "fp32"),
+        "seconds": round(seconds, 2),
+        "error": None if error is None else str(error),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform()},
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, float], status: str,
+                     config: TrainConfig) -> None:
+    """Send final metrics and artifacts; a tracking failure here loses nothing on disk."""
+    try:
+        tracker.log_metrics(metrics)
+        for name, folder in (("summary.json", None), (".hydra/config.yaml", "config"),
+                             (".hydra/overrides.yaml", "config")):
+            tracker.log_artifact(output_dir / name, folder)
+        if config.tracking.log_checkpoint:
+            tracker.log_artifact(output_dir / "checkpoints", "checkpoints")
+        tracker.end(status)
+        if tracker.run_id:
+            log.info("MLflow run id: %s", tracker.run_id)
+    except Exception as err:  # noqa: BLE001 - never lose finished work to a tracking failure
+        log.error("Tracking failed (%s: %s). Every result is kept in %s (summary.json, "
+                  "checkpoints/).", type(err).__name__, err, output_dir)

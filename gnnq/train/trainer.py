@@ -1,0 +1,245 @@
+"""The trainer: fits one run (a seed, or a fold) and selects its epoch on validation.
+
+Full-batch for node-level tasks, mini-batches for graph-level ones. Every epoch it measures
+train/val/test, so it can report both protocols: the test metric at the best validation
+epoch (primary) and the best test metric over all epochs (the official A²Q code's).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch_geometric.loader import DataLoader
+
+from gnnq.config import TrainConfig
+from gnnq.data.task import Split, Task
+from gnnq.errors import GnnqError
+from gnnq.models import build_model
+from gnnq.quant.base import QuantizerFactory
+from gnnq.quant.cost import average_bits, compression_ratio
+from gnnq.train.metrics import metric_sums, task_loss
+from gnnq.train.strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+class TrainingDiverged(GnnqError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    run: int
+    seed: int
+    fold: Optional[int]
+    best_epoch: int
+    epochs: int
+    val: float
+    test: float
+    best_test: float
+    best_test_epoch: int
+    avg_bits: float
+    compression_ratio: float
+    state_dict: dict = field(repr=False, default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GnnqError(f"trainer.device={name!r} was requested but this machine has no CUDA "
+                        f"device. Use trainer.device=cpu or trainer.device=auto.")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, task: Task,
+                 quantizers: Optional[QuantizerFactory] = None,
+                 on_epoch: Optional[EpochCallback] = None) -> None:
+        self.config = config
+        self.task = task
+        self.quantizers = quantizers
+        self.on_epoch = on_epoch
+        self.device = resolve_device(config.trainer.device)
+        self.scale = 100.0 if task.metric == "acc" else 1.0  # accuracies are reported in %
+
+    # -- one run -------------------------------------------------------------------------
+    def fit(self, run: int) -> RunResult:
+        cfg, task = self.config, self.task
+        seed = cfg.seed + run
+        seed_everything(seed)
+        split = task.split(run, seed)
+        model = build_model(cfg.model, task, self.quantizers).to(self.device)
+        strategy = build_strategy(cfg.strategy)
+        optimizer = torch.optim.Adam(strategy.param_groups(model, cfg.trainer), lr=cfg.trainer.lr)
+        scheduler = self._scheduler(optimizer)
+        step, evaluate = self._loops(model, split, seed)
+
+        better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+        best_val = best_test = None
+        best_epoch = best_test_epoch = 0
+        best_state: dict = {}
+        epochs = self._epoch_iter(run)
+        epoch = 0
+        for epoch in epochs:
+            loss = step(optimizer, strategy)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"Training diverged: the loss became {loss} at epoch {epoch} of run {run} "
+                    f"(seed {seed}). Lower trainer.lr (now {cfg.trainer.lr}) or check the "
+                    f"quantizer settings; runs finished before this one are kept.")
+            scores = evaluate()
+            if best_val is None or better(scores["val"], best_val):
+                best_val, best_epoch = scores["val"], epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if best_test is None or better(scores["test"], best_test):
+                best_test, best_test_epoch = scores["test"], epoch
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(scores["val_loss"])
+                else:
+                    scheduler.step()
+            metrics = {"train_loss": loss, **scores}
+            self._report(epochs, run, epoch, metrics)
+            patience = cfg.trainer.early_stopping
+            if patience is not None and epoch - best_epoch >= patience:
+                break
+
+        model.load_state_dict(best_state)
+        selected = evaluate()  # also leaves the quantizers' bit costs of the selected model
+        return RunResult(
+            run=run, seed=seed, fold=(run % task.num_folds) if task.num_folds else None,
+            best_epoch=best_epoch, epochs=epoch, val=selected["val"], test=selected["test"],
+            best_test=best_test, best_test_epoch=best_test_epoch,
+            avg_bits=average_bits(model), compression_ratio=compression_ratio(model),
+            state_dict=best_state)
+
+    # -- loops ---------------------------------------------------------------------------
+    def _loops(self, model: nn.Module, split: Split, seed: int):
+        return (self._node_loops if self.task.level == "node" else self._graph_loops)(
+            model, split, seed)
+
+    def _node_loops(self, model: nn.Module, split: Split, seed: int):
+        data = self.task.graph.to(self.device)
+        metric = self.task.metric
+        masks = {name: getattr(split, name).to(self.device) for name in ("train", "val", "test")}
+
+        def step(optimizer, strategy) -> float:
+            model.train()
+            optimizer.zero_grad()
+            out = model(data.x, data.edge_index)
+            loss = task_loss(out[masks["train"]], data.y[masks["train"]], metric)
+            strategy.backward(loss, model)
+            optimizer.step()
+            return loss.item()
+
+        @torch.no_grad()
+        def evaluate() -> dict[str, float]:
+            model.eval()
+            out = model(data.x, data.edge_index)
+            scores = {}
+            for name, idx in masks.items():
+                total, count = metric_sums(out[idx], data.y[idx], metric)
+                scores[name] = self.scale * total / max(count, 1)
+            scores["val_loss"] = task_loss(out[masks["val"]], data.y[masks["val"]], metric).item()
+            return scores
+
+        return step, evaluate
+
+    def _graph_loops(self, model: nn.Module, split: Split, seed: int):
+        graphs, metric, bs = self.task.graphs, self.task.metric, self.config.trainer.batch_size
+        generator = torch.Generator().manual_seed(seed)
+        subset = lambda idx: [graphs[i] for i in idx.tolist()]  # noqa: E731
+        train_loader = DataLoader(subset(split.train), batch_size=bs, shuffle=True,
+                                  generator=generator)
+        eval_loaders = {name: DataLoader(subset(getattr(split, name)), batch_size=bs)
+                        for name in ("val", "test")}
+
+        def forward(batch):
+            batch = batch.to(self.device)
+            return model(batch.x, batch.edge_index, batch.batch), batch.y
+
+        def step(optimizer, strategy) -> float:
+            model.train()
+            total, count = 0.0, 0
+            for batch in train_loader:
+                optimizer.zero_grad()
+                out, y = forward(batch)
+                loss = task_loss(out, y, metric)
+                strategy.backward(loss, model)
+                optimizer.step()
+                total += loss.item() * y.numel()
+                count += y.numel()
+            return total / max(count, 1)
+
+        @torch.no_grad()
+        def evaluate() -> dict[str, float]:
+            model.eval()
+            scores = {}
+            for name, loader in eval_loaders.items():
+                total, count, loss_sum = 0.0, 0, 0.0
+                for batch in loader:
+                    out, y = forward(batch)
+                    s, n = metric_sums(out, y, metric)
+                    total, count = total + s, count + n
+                    loss_sum += task_loss(out, y, metric).item() * n
+                scores[name] = self.scale * total / max(count, 1)
+                if name == "val":
+                    scores["val_loss"] = loss_sum / max(count, 1)
+            return scores
+
+        return step, evaluate
+
+    # -- helpers -------------------------------------------------------------------------
+    def _scheduler(self, optimizer):
+        sched = self.config.trainer.scheduler
+        if sched.name == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, sched.step_size, sched.gamma)
+        if sched.name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.config.trainer.epochs)
+        if sched.name == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=sched.gamma, patience=sched.patience)
+        return None
+
+    def _progress_mode(self) -> str:
+        mode = self.config.trainer.progress
+        if mode == "auto":
+            return "bar" if sys.stderr.isatty() else "log"
+        return mode
+
+    def _epoch_iter(self, run: int):
+        epochs = range(1, self.config.trainer.epochs + 1)
+        if self._progress_mode() == "bar":
+            from tqdm.auto import tqdm
+            return tqdm(epochs, desc=f"run {run}", leave=False, dynamic_ncols=True)
+        return epochs
+
+    def _report(self, epochs, run: int, epoch: int, metrics: dict[str, float]) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(run, epoch, metrics)
+        mode = self._progress_mode()
+        if mode == "bar":
+            epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val']:.2f}")
+        elif mode == "log":
+            every = max(1, self.config.trainer.epochs // 10)
+            if epoch % every == 0 or epoch == self.config.trainer.epochs:
+                log.info("run %d epoch %d: loss %.4f val %.2f test %.2f", run, epoch,
+                         metrics["train_loss"], metrics["val"], metrics["test"])

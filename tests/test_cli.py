@@ -1,0 +1,117 @@
+"""The `gnnq` command end to end: help, composition, a real run, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error, free_port, requires_shared_data, run_gnnq
+
+FAST = ["trainer.epochs=5", "trainer.progress=none"]
+
+
+def test_help_lists_subcommands(tmp_path):
+    proc = run_gnnq("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "train" in proc.stdout
+
+
+def test_unknown_subcommand(tmp_path):
+    assert_clean_error(run_gnnq("trian", cwd=tmp_path), "Unknown command 'trian'", "train")
+
+
+def test_train_help_and_cfg(tmp_path):
+    proc = run_gnnq("train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "dataset" in proc.stdout
+    proc = run_gnnq("train", "--cfg", "job", "dataset=citeseer", "model=gat", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "name: citeseer" in proc.stdout and "heads: 8" in proc.stdout
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("dataset=imagenet", ["dataset/imagenet", "cora", "reddit_binary"]),
+    ("model=transformer", ["model/transformer", "gcn", "gat"]),
+    ("trainer.epochs=many", ["trainer.epochs", "many"]),
+    ("model.dropout=1.5", ["model.dropout", "1.5", "<= 1.0"]),
+    ("runs=0", ["runs", ">= 1"]),
+    ("trainer.scheduler.name=linear", ["linear", "cosine", "plateau"]),
+    ("+model.widht=3", ["widht"]),
+])
+def test_bad_config_values(tmp_path, override, fragments):
+    proc = run_gnnq("train", override, "tracking=none", f"hydra.run.dir={tmp_path}/out",
+                    cwd=tmp_path)
+    assert_clean_error(proc, *fragments)
+
+
+def test_train_synthetic_writes_summary_and_checkpoints(tmp_path):
+    proc = run_gnnq("train", "dataset=synthetic", "runs=2", "tracking=none", *FAST,
+                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test_acc" in proc.stdout and "avg_bits 32.00" in proc.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["metrics"]["runs_completed"] == 2
+    assert summary["metrics"]["compression_ratio"] == 1.0
+    assert {r["seed"] for r in summary["runs"]} == {0, 1}
+    assert (tmp_path / "out" / "checkpoints" / "run1.pt").exists()
+
+
+def test_graph_level_synthetic(tmp_path):
+    proc = run_gnnq("train", "dataset=synthetic_graphs", "model=gin", "runs=2", "tracking=none",
+                    *FAST, f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["fold"] for r in summary["runs"]] == [0, 1]
+
+
+def test_missing_data_offline(tmp_path):
+    start = time.time()
+    proc = run_gnnq("train", "dataset=citeseer", "tracking=none", "data.download=never",
+                    f"data.root={tmp_path}/empty", f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert_clean_error(proc, "citeseer", str(tmp_path / "empty"), "ind.citeseer.x")
+    assert time.time() - start < 60
+
+
+@requires_shared_data("planetoid", "Cora")
+def test_corrupt_data_file(tmp_path):
+    from conftest import SHARED_DATA
+
+    raw = tmp_path / "data" / "planetoid" / "Cora" / "raw"
+    raw.mkdir(parents=True)
+    for src in (SHARED_DATA / "planetoid" / "Cora" / "raw").iterdir():
+        (raw / src.name).write_bytes(src.read_bytes())
+    (raw / "ind.cora.x").write_bytes(b"\x80\x04garbage, not a pickle")
+    proc = run_gnnq("train", "dataset=cora", "tracking=none", f"data.root={tmp_path}/data",
+                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert_clean_error(proc, "ind.cora.x")
+
+
+def test_nan_loss_is_reported_and_finished_runs_kept(tmp_path):
+    # lr=1e30 blows the weights up; the first run may or may not finish, none may crash.
+    proc = run_gnnq("train", "dataset=synthetic", "runs=2", "tracking=none", "trainer.lr=1e30",
+                    "trainer.weight_decay=0", *FAST, f"hydra.run.dir={tmp_path}/out",
+                    cwd=tmp_path)
+    assert_clean_error(proc, "diverged", "trainer.lr")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "diverged" in summary["error"]
+
+
+def test_dead_tracking_server(tmp_path):
+    start = time.time()
+    proc = run_gnnq("train", "dataset=synthetic", *FAST, "tracking.connect_timeout=2",
+                    f"tracking.uri=http://127.0.0.1:{free_port()}",
+                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert_clean_error(proc, "did not answer", "tracking=none")
+    assert time.time() - start < 60
+
+
+def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
+    proc = run_gnnq("train", "-m", "dataset=synthetic", "trainer.lr=0.01,1e30",
+                    "trainer.weight_decay=0", "tracking=none", *FAST,
+                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "sweep" / "0" / "summary.json").exists()
+    assert (tmp_path / "sweep" / "1" / "FAILED").exists()
