@@ -74,7 +74,7 @@ def _train(args: list[str]) -> int:
             (output_dir / sweep.FAILED_MARKER).write_text(str(err))
             return float("nan")
         metrics = summary["metrics"]
-        _print_result(metrics, output_dir)
+        _print_result(metrics, output_dir, summary["mlflow_run_id"])
         return metrics.get(config.optimized_metric, float("nan"))
 
     sys.argv = ["gnnq train", *args]
@@ -87,13 +87,15 @@ def _train(args: list[str]) -> int:
     return 0
 
 
-def _print_result(metrics: dict[str, float], output_dir: Path) -> None:
+def _print_result(metrics: dict[str, float], output_dir: Path, run_id: str | None) -> None:
     parts = []
     for key in ("test_acc", "test_mae", "val_acc", "val_mae", "best_test_acc", "best_test_mae"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.2f} ± {metrics[key + '_std']:.2f}")
     parts.append(f"avg_bits {metrics.get('avg_bits', float('nan')):.2f}")
     parts.append(f"compression_ratio {metrics.get('compression_ratio', float('nan')):.2f}x")
+    if run_id:
+        parts.append(f"MLflow run id {run_id}")
     print("gnnq: " + ", ".join(parts) + f" (outputs in {output_dir})")
 
 

@@ -115,3 +115,13 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "sweep" / "0" / "summary.json").exists()
     assert (tmp_path / "sweep" / "1" / "FAILED").exists()
+
+
+def test_optuna_sweeper_gets_the_validation_metric(tmp_path):
+    proc = run_gnnq("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                    "hydra.sweeper.direction=maximize", "trainer.lr=interval(0.001,0.05)",
+                    "dataset=synthetic", "tracking=none", *FAST,
+                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_value" in best

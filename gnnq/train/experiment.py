@@ -86,7 +86,8 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
         status, error = "FAILED", err
     summary = _write_summary(output_dir, config, task, results, metric, time.time() - started,
                              error)
-    _finish_tracking(tracker, output_dir, summary["metrics"], status, config)
+    summary["mlflow_run_id"] = _finish_tracking(tracker, output_dir, summary["metrics"], status,
+                                                config)
     if error is not None:
         raise error
     return summary
@@ -132,8 +133,10 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
 
 
 def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, float], status: str,
-                     config: TrainConfig) -> None:
-    """Send final metrics and artifacts; a tracking failure here loses nothing on disk."""
+                     config: TrainConfig) -> Optional[str]:
+    """Send final metrics and artifacts; a tracking failure here loses nothing on disk.
+
+    Returns the MLflow run id (``None`` without tracking or when tracking failed)."""
     try:
         tracker.log_metrics(metrics)
         for name, folder in (("summary.json", None), (".hydra/config.yaml", "config"),
@@ -142,8 +145,8 @@ def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, floa
         if config.tracking.log_checkpoint:
             tracker.log_artifact(output_dir / "checkpoints", "checkpoints")
         tracker.end(status)
-        if tracker.run_id:
-            log.info("MLflow run id: %s", tracker.run_id)
+        return tracker.run_id
     except Exception as err:  # noqa: BLE001 - never lose finished work to a tracking failure
         log.error("Tracking failed (%s: %s). Every result is kept in %s (summary.json, "
                   "checkpoints/).", type(err).__name__, err, output_dir)
+        return None
