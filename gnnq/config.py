@@ -9,12 +9,13 @@ so ``gnnq train --cfg job`` tooling and IDEs can see them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from gnnq.errors import GnnqError, choice_error
 
@@ -230,7 +231,50 @@ def validate(cfg: DictConfig) -> TrainConfig:
 def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     message = str(err).splitlines()[0]
-    if "not in struct" in str(err) or "Key '" in message and "not in" in message:
-        return (f"Unknown config option {key!r}. Run 'gnnq train --cfg job' to see every "
-                f"option and its current value ({message}).")
+    if isinstance(err, ConfigKeyError):
+        return unknown_option_message(key)
     return f"Invalid config value for {key!r}: {message}."
+
+
+def _schema_at(path: list[str]) -> Optional[type]:
+    """The dataclass that holds the options under ``path`` (``None`` if it is not one)."""
+    node: Any = TrainConfig
+    for part in path:
+        fields_ = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields_:
+            return None
+        node = fields_[part].type
+        node = globals().get(node, node) if isinstance(node, str) else node
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def unknown_option_message(key: str) -> str:
+    parts = key.split(".")
+    schema = _schema_at(parts[:-1])
+    where = ".".join(parts[:-1]) or "the top level"
+    valid = ", ".join(sorted(f.name for f in dataclasses.fields(schema))) if schema else "?"
+    return (f"Unknown config option {key!r}. Valid options under {where}: {valid}. "
+            f"'gnnq train --cfg job' prints every option with its current value.")
+
+
+def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ()) -> None:
+    """Reject ``a.b=value`` overrides of options the schema does not have, listing the valid ones.
+
+    Hydra would refuse them too, but without naming the choices. Group selections
+    (``model=gat``), additions (``+x=``), deletions (``~x``), Hydra's own keys and the
+    method-owned ``quant.*`` section are left to Hydra and to the method's own checks.
+    """
+    top_level = {f.name for f in dataclasses.fields(TrainConfig)} | set(groups)
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("+", "~", "hydra", "quant.")):
+            continue
+        if "." not in key:
+            if key not in top_level:
+                raise GnnqError(f"Unknown config option or group {key!r}. Valid top-level "
+                                f"options and groups: {', '.join(sorted(top_level))}.")
+            continue
+        parts = key.split(".")
+        schema = _schema_at(parts[:-1])
+        if schema is not None and parts[-1] not in {f.name for f in dataclasses.fields(schema)}:
+            raise GnnqError(unknown_option_message(key))

@@ -38,7 +38,10 @@ def test_train_help_and_cfg(tmp_path):
     ("model.dropout=1.5", ["model.dropout", "1.5", "<= 1.0"]),
     ("runs=0", ["runs", ">= 1"]),
     ("trainer.scheduler.name=linear", ["linear", "cosine", "plateau"]),
-    ("+model.widht=3", ["widht"]),
+    ("+model.widht=3", ["model.widht", "hidden", "dropout"]),
+    ("model.widht=3", ["model.widht", "hidden", "dropout"]),
+    ("seeds=3", ["seeds", "seed", "runs", "dataset"]),
+    ("trainer.scheduler.gama=3", ["trainer.scheduler.gama", "gamma", "step_size"]),
 ])
 def test_bad_config_values(tmp_path, override, fragments):
     proc = run_gnnq("train", override, "tracking=none", f"hydra.run.dir={tmp_path}/out",
