@@ -128,3 +128,25 @@ def test_optuna_sweeper_gets_the_validation_metric(tmp_path):
     assert proc.returncode == 0, proc.stderr
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_value" in best
+
+
+def test_tracking_failure_mid_training_keeps_the_results(tmp_path, monkeypatch, caplog):
+    """The store dies after the run started: training finishes, summary and checkpoint stay."""
+    from gnnq.config import DatasetConfig, TrackingConfig, TrainConfig, TrainerConfig
+    from gnnq.tracking import mlflow_tracker
+    from gnnq.train.experiment import run_experiment
+
+    def broken_flush(self):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(mlflow_tracker, "METRICS_PER_BATCH", 10)
+    monkeypatch.setattr(mlflow_tracker.MlflowTracker, "flush", broken_flush)
+    config = TrainConfig(dataset=DatasetConfig(name="synthetic"),
+                         trainer=TrainerConfig(epochs=5, progress="none"),
+                         tracking=TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    summary = run_experiment(config, tmp_path / "out")
+    assert summary["mlflow_run_id"] is None
+    assert summary["metrics"]["runs_completed"] == 1
+    assert (tmp_path / "out" / "summary.json").exists()
+    assert (tmp_path / "out" / "checkpoints" / "run0.pt").exists()
+    assert "server went away" in caplog.text

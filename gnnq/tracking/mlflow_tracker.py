@@ -113,6 +113,7 @@ class MlflowTracker(Tracker):
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.run_id = None
+        self.failure: Optional[Exception] = None
         self._pending: list = []
 
     def experiment_id(self) -> str:
@@ -135,13 +136,24 @@ class MlflowTracker(Tracker):
             _retry("log params", lambda: self.client.log_batch(self.run_id, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        """Buffered: sent by :meth:`flush` (per-epoch metrics would cost a request each)."""
+        """Buffered: sent by :meth:`flush` (per-epoch metrics would cost a request each).
+
+        A store that fails mid-training must not stop the training: the first failure is
+        logged, later metrics are dropped, and :meth:`end` reports it."""
         from mlflow.entities import Metric
 
+        if self.failure is not None:
+            return
         now = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
         if len(self._pending) >= METRICS_PER_BATCH:
-            self.flush()
+            try:
+                self.flush()
+            except Exception as err:  # noqa: BLE001 - see the docstring
+                self.failure = err
+                log.error("Tracking stopped working during training (%s: %s); training goes "
+                          "on and every result is still written to the output folder.",
+                          type(err).__name__, err)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -158,6 +170,8 @@ class MlflowTracker(Tracker):
                 self.run_id, str(path), artifact_path))
 
     def end(self, status: str = "FINISHED") -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"the tracking store failed during training: {self.failure}")
         self.flush()
         _retry("end run", lambda: self.client.set_terminated(self.run_id, status))
 
