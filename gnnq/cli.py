@@ -101,9 +101,17 @@ def _print_result(metrics: dict[str, float], output_dir: Path, run_id: str | Non
     print("gnnq: " + ", ".join(parts) + f" (outputs in {output_dir})")
 
 
+def _report(args: list[str]) -> int:
+    from gnnq.report import main as report_main
+
+    return report_main(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train and evaluate a configuration; Hydra overrides follow "
               "(gnnq train --help lists the config groups)", _train),
+    "report": ("Markdown table + PNG plot of finished runs from an MLflow store, grouped by "
+               "dataset/model/method/bits (gnnq report --help)", _report),
 }
 
 USAGE = """usage: gnnq <command> [arguments]
@@ -118,6 +126,7 @@ examples:
   gnnq train -m dataset=cora,citeseer model=gcn,gat runs=10
   gnnq train +experiment=fp32_gat_cora
   gnnq train --cfg job dataset=citeseer
+  gnnq report --experiment gnnq --out results/my_comparison
 """
 
 
