@@ -6,7 +6,6 @@ BIN    := $(VENV)/bin
 SHARED_DATA ?= ../shared/data
 # Datasets: a writable mirror (symlinks) of the shared raw files; PyG writes processed/ here.
 export GNNQ_DATA ?= $(CURDIR)/data
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 UI_PORT ?= 5000
 
 .PHONY: install data run test ui clean
