@@ -29,16 +29,16 @@ DATASETS = (
 )
 MODELS = ("gcn", "gin", "gat")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
-STRATEGIES = ("task_gradient",)
+STRATEGIES = ("task_gradient", "local_gradient")
 TRACKING_BACKENDS = ("mlflow", "none")
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise choice_error(f"value for {key}:", value, choices)
 
 
-def _check_range(key: str, value: Any, low: float | None = None, high: float | None = None,
+def check_range(key: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
     bad = (low is not None and (value <= low if low_open else value < low)) or (
         high is not None and value > high)
@@ -59,7 +59,7 @@ class DataRootConfig:
     download: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("data.download", self.download, ("auto", "never"))
+        check_choice("data.download", self.download, ("auto", "never"))
 
 
 @dataclass
@@ -81,11 +81,11 @@ class DatasetConfig:
     normalize_features: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("dataset.name", self.name, DATASETS)
-        _check_choice("dataset.split", self.split, ("public", "random"))
+        check_choice("dataset.name", self.name, DATASETS)
+        check_choice("dataset.split", self.split, ("public", "random"))
         for key in ("train_per_class", "val_per_class", "num_val", "num_test"):
-            _check_range(f"dataset.{key}", getattr(self, key), 1)
-        _check_range("dataset.folds", self.folds, 2)
+            check_range(f"dataset.{key}", getattr(self, key), 1)
+        check_range("dataset.folds", self.folds, 2)
 
 
 @dataclass
@@ -106,15 +106,15 @@ class ModelConfig:
     batch_norm: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, MODELS)
-        _check_range("model.hidden", self.hidden, 1)
-        _check_range("model.layers", self.layers, 1)
-        _check_range("model.dropout", self.dropout, 0.0, 1.0)
-        _check_range("model.attn_dropout", self.attn_dropout, 0.0, 1.0)
-        _check_range("model.heads", self.heads, 1)
-        _check_range("model.out_heads", self.out_heads, 1)
-        _check_range("model.mlp_layers", self.mlp_layers, 1)
-        _check_choice("model.pooling", self.pooling, ("sum", "mean", "max"))
+        check_choice("model.name", self.name, MODELS)
+        check_range("model.hidden", self.hidden, 1)
+        check_range("model.layers", self.layers, 1)
+        check_range("model.dropout", self.dropout, 0.0, 1.0)
+        check_range("model.attn_dropout", self.attn_dropout, 0.0, 1.0)
+        check_range("model.heads", self.heads, 1)
+        check_range("model.out_heads", self.out_heads, 1)
+        check_range("model.mlp_layers", self.mlp_layers, 1)
+        check_choice("model.pooling", self.pooling, ("sum", "mean", "max"))
 
 
 @dataclass
@@ -125,10 +125,10 @@ class SchedulerConfig:
     patience: int = 10
 
     def __post_init__(self) -> None:
-        _check_choice("trainer.scheduler.name", self.name, SCHEDULERS)
-        _check_range("trainer.scheduler.step_size", self.step_size, 1)
-        _check_range("trainer.scheduler.gamma", self.gamma, 0.0, 1.0, low_open=True)
-        _check_range("trainer.scheduler.patience", self.patience, 0)
+        check_choice("trainer.scheduler.name", self.name, SCHEDULERS)
+        check_range("trainer.scheduler.step_size", self.step_size, 1)
+        check_range("trainer.scheduler.gamma", self.gamma, 0.0, 1.0, low_open=True)
+        check_range("trainer.scheduler.patience", self.patience, 0)
 
 
 @dataclass
@@ -147,13 +147,13 @@ class TrainerConfig:
     checkpoint: bool = True
 
     def __post_init__(self) -> None:
-        _check_range("trainer.epochs", self.epochs, 1)
-        _check_range("trainer.lr", self.lr, 0.0, low_open=True)
-        _check_range("trainer.weight_decay", self.weight_decay, 0.0)
-        _check_range("trainer.batch_size", self.batch_size, 1)
+        check_range("trainer.epochs", self.epochs, 1)
+        check_range("trainer.lr", self.lr, 0.0, low_open=True)
+        check_range("trainer.weight_decay", self.weight_decay, 0.0)
+        check_range("trainer.batch_size", self.batch_size, 1)
         if self.early_stopping is not None:
-            _check_range("trainer.early_stopping", self.early_stopping, 1)
-        _check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
+            check_range("trainer.early_stopping", self.early_stopping, 1)
+        check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))
 
@@ -165,7 +165,7 @@ class StrategyConfig:
     name: str = "task_gradient"
 
     def __post_init__(self) -> None:
-        _check_choice("strategy.name", self.name, STRATEGIES)
+        check_choice("strategy.name", self.name, STRATEGIES)
 
 
 @dataclass
@@ -179,8 +179,8 @@ class TrackingConfig:
     log_checkpoint: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
-        _check_range("tracking.connect_timeout", self.connect_timeout, 0.0, low_open=True)
+        check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        check_range("tracking.connect_timeout", self.connect_timeout, 0.0, low_open=True)
 
 
 @dataclass
@@ -189,6 +189,9 @@ class TrainConfig:
     seed: int = 0
     # Repeats with seeds seed, seed+1, ...; on cross-validated datasets repeat r uses fold r.
     runs: int = 1
+    # Index of the first repeat: `first_run=5 runs=5` runs repeats 5..9 (seeds seed+5.., folds
+    # 5..9), so one set of repeats can be split over jobs or machines and pooled afterwards.
+    first_run: int = 0
     # What `gnnq train` returns to a Hydra sweeper (validation, never test: no tuning on test).
     optimized_metric: str = "val_acc"
     tags: dict[str, str] = field(default_factory=dict)
@@ -202,9 +205,10 @@ class TrainConfig:
     quant: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
-        _check_range("runs", self.runs, 1)
+        check_range("runs", self.runs, 1)
+        check_range("first_run", self.first_run, 0)
         allowed = ("val_acc", "test_acc", "val_mae", "test_mae", "val_metric")
-        _check_choice("optimized_metric", self.optimized_metric, allowed)
+        check_choice("optimized_metric", self.optimized_metric, allowed)
 
 
 def register_configs() -> None:
