@@ -23,6 +23,7 @@ from gnnq import __version__
 from gnnq.config import TrainConfig
 from gnnq.data import load_task
 from gnnq.errors import GnnqError
+from gnnq.models import build_model
 from gnnq.quant import build_quantizers
 from gnnq.tracking.mlflow_tracker import Tracker, flatten, make_tracker
 from gnnq.train.metrics import mean_std
@@ -73,7 +74,7 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
     started = time.time()
     status, error = "FINISHED", None
     try:
-        for run in range(config.runs):
+        for run in range(config.first_run, config.first_run + config.runs):
             result = trainer.fit(run)
             results.append(result)
             if config.trainer.checkpoint:
@@ -84,10 +85,13 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
                      result.test, result.best_test, result.best_epoch, result.avg_bits)
     except GnnqError as err:
         status, error = "FAILED", err
+    except KeyboardInterrupt as err:  # Ctrl-C: keep the finished runs, close the MLflow run
+        status, error = "KILLED", err
     summary = _write_summary(output_dir, config, task, results, metric, time.time() - started,
                              error)
+    analysis = _method_artifacts(quantizers, config, task, results, output_dir)
     summary["mlflow_run_id"] = _finish_tracking(tracker, output_dir, summary["metrics"], status,
-                                                config)
+                                                config, analysis)
     if error is not None:
         raise error
     return summary
@@ -124,7 +128,7 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
         "dataset": task.name, "model": config.model.name,
         "method": (config.quant or {}).get("name", "fp32"),
         "seconds": round(seconds, 2),
-        "error": None if error is None else str(error),
+        "error": None if error is None else (str(error) or type(error).__name__),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform()},
     }
@@ -132,8 +136,26 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
     return summary
 
 
+def _method_artifacts(quantizers, config: TrainConfig, task, results: list[RunResult],
+                      output_dir: Path) -> list[Path]:
+    """Files the quantization method writes about the selected model of the last run (its
+    factory's optional ``artifacts(model, task, folder)``, e.g. A²Q's bit analysis), in
+    ``analysis/``. A failure here is logged, never fatal: the runs are already saved."""
+    write = getattr(quantizers, "artifacts", None)
+    if write is None or not results:
+        return []
+    try:
+        model = build_model(config.model, task, quantizers)
+        model.load_state_dict(results[-1].state_dict)
+        return write(model, task, output_dir / "analysis")
+    except Exception as err:  # noqa: BLE001 - an analysis bug must not cost the finished runs
+        log.error("The method's analysis artifacts failed (%s: %s); results are unaffected.",
+                  type(err).__name__, err)
+        return []
+
+
 def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, float], status: str,
-                     config: TrainConfig) -> Optional[str]:
+                     config: TrainConfig, analysis: list[Path]) -> Optional[str]:
     """Send final metrics and artifacts; a tracking failure here loses nothing on disk.
 
     Returns the MLflow run id (``None`` without tracking or when tracking failed)."""
@@ -142,6 +164,8 @@ def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, floa
         for name, folder in (("summary.json", None), (".hydra/config.yaml", "config"),
                              (".hydra/overrides.yaml", "config")):
             tracker.log_artifact(output_dir / name, folder)
+        for path in analysis:
+            tracker.log_artifact(path, "analysis")
         if config.tracking.log_checkpoint:
             tracker.log_artifact(output_dir / "checkpoints", "checkpoints")
         tracker.end(status)

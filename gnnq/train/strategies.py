@@ -7,7 +7,7 @@ parameters can get their own learning rates without the trainer knowing about th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from gnnq.quant.base import Quantizer
 
 
 class TaskGradient:
-    """Plain back-propagation of the task loss (plus any penalty the model's quantizers add)."""
+    """Plain back-propagation of the task loss plus the quantization method's penalty."""
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
@@ -39,11 +39,37 @@ class TaskGradient:
         groups.insert(0, {"params": weights, "weight_decay": trainer.weight_decay})
         return [g for g in groups if g["params"]]
 
-    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, model: nn.Module,
+                 penalty: Optional[torch.Tensor] = None) -> None:
+        """Gradients of ``loss`` (the task's) and ``penalty`` (the method's, e.g. A²Q's
+        memory term; kept apart because a strategy may route the two differently)."""
+        (loss if penalty is None else loss + penalty).backward()
 
 
-STRATEGIES = {"task_gradient": TaskGradient}
+class LocalGradient(TaskGradient):
+    """A²Q's Local Gradient (Zhu et al. 2023, §3.2): a quantizer that defines
+    ``local_error()`` trains its own parameters (step sizes, bits) on that error instead of
+    the task loss, since in semi-supervised node tasks most nodes get next to no task
+    gradient. The penalty still reaches every parameter it depends on, and all other
+    parameters, inputs' gradients included, see exactly the task gradient."""
+
+    def backward(self, loss: torch.Tensor, model: nn.Module,
+                 penalty: Optional[torch.Tensor] = None) -> None:
+        local_loss, local_params = penalty, set()
+        for module in model.modules():
+            error = module.local_error() if isinstance(module, Quantizer) and hasattr(
+                module, "local_error") else None
+            if error is not None:
+                local_loss = error if local_loss is None else local_loss + error
+                local_params.update(id(p) for p in module.parameters())
+        task_params = [p for p in model.parameters()
+                       if p.requires_grad and id(p) not in local_params]
+        loss.backward(inputs=task_params)
+        if local_loss is not None:
+            local_loss.backward()
+
+
+STRATEGIES = {"task_gradient": TaskGradient, "local_gradient": LocalGradient}
 
 
 def build_strategy(cfg: StrategyConfig) -> TaskGradient:

@@ -146,7 +146,7 @@ class Trainer:
             optimizer.zero_grad()
             out = model(data.x, data.edge_index)
             loss = task_loss(out[masks["train"]], data.y[masks["train"]], metric)
-            strategy.backward(loss, model)
+            strategy.backward(loss, model, self._penalty(model))
             optimizer.step()
             return loss.item()
 
@@ -183,7 +183,7 @@ class Trainer:
                 optimizer.zero_grad()
                 out, y = forward(batch)
                 loss = task_loss(out, y, metric)
-                strategy.backward(loss, model)
+                strategy.backward(loss, model, self._penalty(model))
                 optimizer.step()
                 total += loss.item() * y.numel()
                 count += y.numel()
@@ -208,6 +208,12 @@ class Trainer:
         return step, evaluate
 
     # -- helpers -------------------------------------------------------------------------
+    def _penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """The quantization method's own loss term for the last forward pass (e.g. A²Q's
+        memory penalty), if its factory defines ``penalty(model)``."""
+        penalty = getattr(self.quantizers, "penalty", None)
+        return penalty(model) if penalty is not None else None
+
     def _scheduler(self, optimizer):
         sched = self.config.trainer.scheduler
         if sched.name == "step":
