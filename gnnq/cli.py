@@ -48,10 +48,9 @@ def _train(args: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from gnnq.config import check_override_keys, register_configs, validate
+    from gnnq.config import check_override_keys, validate
     from gnnq.tracking import sweep
 
-    register_configs()
     groups = tuple(p.name for p in config_dir().iterdir() if p.is_dir())
     check_override_keys([a for a in args if not a.startswith("-")], groups)
 

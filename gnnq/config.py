@@ -3,8 +3,7 @@
 Hydra composes YAML from ``conf/``; :func:`validate` then merges the result into these
 dataclasses, so a wrong type fails in OmegaConf and a wrong range or choice fails in the
 ``__post_init__`` checks below, each with a message that names the key, the bad value and
-what is allowed. The schemas are also registered in Hydra's ConfigStore (group ``schema``)
-so ``gnnq train --cfg job`` tooling and IDEs can see them.
+what is allowed.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -209,12 +207,6 @@ class TrainConfig:
         check_range("first_run", self.first_run, 0)
         allowed = ("val_acc", "test_acc", "val_mae", "test_mae", "val_metric")
         check_choice("optimized_metric", self.optimized_metric, allowed)
-
-
-def register_configs() -> None:
-    """Make the schemas visible to Hydra (``schema/train`` etc.)."""
-    cs = ConfigStore.instance()
-    cs.store(group="schema", name="train", node=TrainConfig)
 
 
 def validate(cfg: DictConfig) -> TrainConfig:
