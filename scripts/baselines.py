@@ -124,7 +124,8 @@ stratified 10-fold CV (REDDIT-BINARY: fold k tests, fold k-1 validates). Accurac
 "test @ best val" is the test accuracy of the epoch with the best validation accuracy (first
 such epoch); "best test over epochs" is the official A²Q code's protocol (optimistic: it selects
 on test). "epochs" is the number trained per run (no early stopping); "s/run" is wall time per
-run. REDDIT-BINARY's folds and GAT-Coauthor-CS's seeds ran as two parallel jobs of 5
+run, measured while other jobs shared the cores (an upper bound). REDDIT-BINARY's folds and
+GAT-Coauthor-CS's seeds ran as two parallel jobs of 5
 (`first_run=0/5 runs=5`), pooled; their s/run counts both jobs' time. Measured on the development machine: 2 CPU cores, no GPU, {machine()}.
 
 {body}
