@@ -51,6 +51,12 @@ def _train(args: list[str]) -> int:
     from gnnq.config import check_override_keys, validate
     from gnnq.tracking import sweep
 
+    modes = [a for a in args if a in ("-m", "--multirun", "-c", "--cfg", "-i", "--info",
+                                      "--shell-completion", "-sc")]
+    if len(modes) > 1:
+        raise GnnqError(f"gnnq train takes one of -m/--multirun, --cfg, --info at a time; got "
+                        f"{' and '.join(modes)}. To see a sweep job's config, run it without -m: "
+                        f"gnnq train --cfg job <overrides>.")
     groups = tuple(p.name for p in config_dir().iterdir() if p.is_dir())
     check_override_keys([a for a in args if not a.startswith("-")], groups)
 

@@ -49,6 +49,11 @@ def test_bad_config_values(tmp_path, override, fragments):
     assert_clean_error(proc, *fragments)
 
 
+def test_multirun_with_cfg_is_a_clean_error(tmp_path):
+    assert_clean_error(run_gnnq("train", "-m", "--cfg", "job", "seed=1,2", cwd=tmp_path),
+                       "-m and --cfg")
+
+
 def test_train_synthetic_writes_summary_and_checkpoints(tmp_path):
     proc = run_gnnq("train", "dataset=synthetic", "runs=2", "tracking=none", *FAST,
                     f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
