@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from gnnq.data.task import Split
+from gnnq.data.task import Split, tested_fold
 from gnnq.errors import GnnqError
 
 SplitFn = Callable[[int, int], Split]
@@ -102,7 +102,8 @@ def cross_validation_split(y: Tensor, folds: int, fold_seed: int) -> SplitFn:
     parts = stratified_folds(y, folds, fold_seed)
 
     def split(run: int, seed: int) -> Split:
-        test, val = run % folds, (run - 1) % folds
+        test = tested_fold(run, folds)
+        val = (test - 1) % folds
         train = _sorted_cat([part for k, part in enumerate(parts) if k not in (test, val)])
         return Split(train, parts[val], parts[test])
 

@@ -9,6 +9,11 @@ import torch
 from torch_geometric.data import Data
 
 
+def tested_fold(run: int, folds: int) -> int:
+    """The fold repeat ``run`` tests on: runs cycle through the folds."""
+    return run % folds
+
+
 @dataclass
 class Split:
     """Index tensors (long) into the task's nodes (node level) or graphs (graph level)."""
@@ -40,6 +45,10 @@ class Task:
     graphs: Optional[Sequence[Data]] = None
     num_embeddings: Optional[int] = None
     num_folds: Optional[int] = None
+
+    def fold(self, run: int) -> Optional[int]:
+        """The CV fold repeat ``run`` tests on (``None`` without cross-validation)."""
+        return tested_fold(run, self.num_folds) if self.num_folds else None
 
     @property
     def higher_is_better(self) -> bool:

@@ -77,6 +77,7 @@ class Trainer:
         self.task = task
         self.quantizers = quantizers
         self.on_epoch = on_epoch
+        self.progress = self._progress_mode()
         self.device = resolve_device(config.trainer.device)
         self.scale = 100.0 if task.metric == "acc" else 1.0  # accuracies are reported in %
 
@@ -125,7 +126,7 @@ class Trainer:
         model.load_state_dict(best_state)
         selected = evaluate()  # also leaves the quantizers' bit costs of the selected model
         return RunResult(
-            run=run, seed=seed, fold=(run % task.num_folds) if task.num_folds else None,
+            run=run, seed=seed, fold=task.fold(run),
             best_epoch=best_epoch, epochs=epoch, val=selected["val"], test=selected["test"],
             best_test=best_test, best_test_epoch=best_test_epoch,
             avg_bits=average_bits(model), compression_ratio=compression_ratio(model),
@@ -233,7 +234,7 @@ class Trainer:
 
     def _epoch_iter(self, run: int):
         epochs = range(1, self.config.trainer.epochs + 1)
-        if self._progress_mode() == "bar":
+        if self.progress == "bar":
             from tqdm.auto import tqdm
             return tqdm(epochs, desc=f"run {run}", leave=False, dynamic_ncols=True)
         return epochs
@@ -241,10 +242,9 @@ class Trainer:
     def _report(self, epochs, run: int, epoch: int, metrics: dict[str, float]) -> None:
         if self.on_epoch is not None:
             self.on_epoch(run, epoch, metrics)
-        mode = self._progress_mode()
-        if mode == "bar":
+        if self.progress == "bar":
             epochs.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val']:.2f}")
-        elif mode == "log":
+        elif self.progress == "log":
             every = max(1, self.config.trainer.epochs // 10)
             if epoch % every == 0 or epoch == self.config.trainer.epochs:
                 log.info("run %d epoch %d: loss %.4f val %.2f test %.2f", run, epoch,
