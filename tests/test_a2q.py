@@ -307,6 +307,33 @@ def test_placement_node_gcn_and_graph_gin():
     assert not model.convs[1].q.input.learn_bits  # GIN's per-channel XW
 
 
+def test_uniform_bits_ablation_keeps_init_bits_and_counts_them():
+    task = node_task()
+    model = build_model(ModelConfig(name="gcn", hidden=8), task,
+                        _a2q(task, learn_bits=False, init_bits=2, bit_budget=1.0))
+    features = model.convs[1].lin.q.input
+    assert not features.learn_bits and "bits" not in dict(features.named_parameters())
+    assert _a2q(task, learn_bits=False).penalty(model) is None
+    model(task.graph.x, task.graph.edge_index)
+    assert average_bits(model) == 2.0  # the budget does not lower fixed bits
+
+
+@pytest.mark.parametrize("rule", ["lsq", "official"])
+def test_weight_steps_start_from_the_weights_by_default(rule):
+    task = node_task()
+    model = build_model(ModelConfig(name="gcn", hidden=8), task,
+                        _a2q(task, weight_step_init=rule))
+    lin = model.convs[0].lin
+    drawn = lin.q.weight.step.detach().clone()
+    model(task.graph.x, task.graph.edge_index)
+    model(task.graph.x, task.graph.edge_index)  # the second pass keeps the first one's steps
+    if rule == "lsq":  # LSQ: 2 mean|w| / sqrt(Q) per output channel, Q = 7 at 4 bits
+        expected = 2 * lin.weight.detach().abs().mean(dim=1, keepdim=True) / math.sqrt(7)
+        assert torch.allclose(lin.q.weight.step, expected)
+    else:
+        assert torch.equal(lin.q.weight.step.detach(), drawn)
+
+
 # -- metrics ---------------------------------------------------------------------------------
 def test_avg_bits_and_compression_on_known_bits():
     linear = QLinear(3, 2, quantizers=RoleQuantizers({

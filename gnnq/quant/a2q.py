@@ -54,6 +54,7 @@ KB = 8 * 1024  # bits in a kilobyte, the unit of the official memory term
 HARD_MAX_BITS = 16
 BUDGET_BAND = 0.25  # bits above the budget over which the pull ramps up to its full weight
 STE_MODES = ("masked", "identity")
+WEIGHT_STEP_INITS = ("lsq", "official")
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class A2QConfig:
     min_bits: int = 1
     max_bits: int = 8
     init_bits: int = 4
+    # False: every node keeps init_bits (uniform bits; step sizes still learned).
+    learn_bits: bool = True
     weight_bits: int = 4
     xw_bits: int = 4
     # Memory penalty (A2Q.penalty): against bit_budget, or the official KB form when
@@ -105,6 +108,7 @@ class A2QConfig:
     memory_dim: Optional[int] = None
     memory_offset_kb: float = 0.0
     quantize_xw: bool = True
+    weight_step_init: str = "lsq"
     nns_table_size: int = 1000
     ste: str = "masked"
     lr: A2QLearningRates = field(default_factory=A2QLearningRates)
@@ -129,6 +133,7 @@ class A2QConfig:
         check_range("quant.memory_offset_kb", self.memory_offset_kb, 0.0)
         check_range("quant.nns_table_size", self.nns_table_size, 1)
         check_choice("quant.ste", self.ste, STE_MODES)
+        check_choice("quant.weight_step_init", self.weight_step_init, WEIGHT_STEP_INITS)
         for f in fields(A2QLearningRates):
             check_range(f"quant.lr.{f.name}", getattr(self.lr, f.name), 0.0, low_open=True)
         for f in fields(A2QStepInit):
@@ -213,17 +218,23 @@ class A2QQuantizer(Quantizer):
         masked_ste: Zero the input gradient of clipped elements.
         unsigned: The tensor is non-negative (``Q = 2^bits - 1``, see the module
             docstring); ``None`` decides on the first forward pass.
+        counts_in_average: Count toward ``avg_bits`` (default: ``learn_bits``; the node
+            features count even with fixed bits, ``quant.learn_bits=false``).
+        step_from_data: Replace the drawn steps on the first forward pass by LSQ's
+            ``2 mean|x| / sqrt(Q)`` per group (Esser et al., 2020), for parameters.
     """
 
     def __init__(self, groups: int, dim: int, bits: float, *, learn_bits: bool,
                  bit_range: tuple[int, int], step_init: tuple[float, float],
                  lr: tuple[float, float], local: bool, masked_ste: bool = True,
-                 unsigned: Optional[bool] = None) -> None:
+                 unsigned: Optional[bool] = None,
+                 counts_in_average: Optional[bool] = None,
+                 step_from_data: bool = False) -> None:
         super().__init__()
         self.groups, self.dim = groups, dim
         self.learn_bits, self.bit_range, self.step_init = learn_bits, bit_range, step_init
         self.lr, self.local, self.masked_ste = lr, local, masked_ste
-        self.counts_in_average = learn_bits
+        self.counts_in_average = learn_bits if counts_in_average is None else counts_in_average
         self.step = nn.Parameter(torch.empty(self._shape(groups)))
         initial = torch.full(self._shape(groups), float(bits))
         if learn_bits:
@@ -232,6 +243,9 @@ class A2QQuantizer(Quantizer):
             self.register_buffer("bits", initial)
         # -1: not decided yet, 0: signed grid, 1: unsigned (saved with the model).
         self.register_buffer("unsigned", torch.tensor(-1 if unsigned is None else int(unsigned)))
+        # 1 while the steps still wait for their data-based initialisation.
+        self.step_from_data = step_from_data
+        self.register_buffer("step_pending", torch.tensor(int(step_from_data)))
         self._input: Optional[Tensor] = None       # last training input, for local_error
         self._row_bits: Optional[Tensor] = None    # effective bits per element of the last input
         self.reset_parameters()
@@ -243,6 +257,7 @@ class A2QQuantizer(Quantizer):
         mean, std = self.step_init
         with torch.no_grad():
             self.step.copy_(torch.normal(mean, std, self.step.shape).abs())
+            self.step_pending.fill_(int(self.step_from_data))
 
     def param_groups(self) -> list[dict[str, Any]]:
         step_lr, bits_lr = self.lr
@@ -269,6 +284,8 @@ class A2QQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         if self.unsigned < 0:
             self.unsigned.fill_(int(bool((x >= 0).all())))
+        if self.step_pending:
+            self._init_step_from(x)
         if self.learn_bits:
             self._project_bits()
         out, bits = self._quantize(x)
@@ -276,6 +293,15 @@ class A2QQuantizer(Quantizer):
             self._input = x.detach()
         self._row_bits = torch.round(bits.detach()).expand_as(x)
         return out
+
+    @torch.no_grad()
+    def _init_step_from(self, x: Tensor) -> None:
+        levels = 2.0 ** (torch.round(self.bits) + self.unsigned - 1) - 1
+        other = 1 - self.dim
+        mean_abs = x.detach().abs().mean(dim=other, keepdim=True).expand_as(self.step)
+        step = 2 * mean_abs / levels.sqrt()
+        self.step.copy_(torch.where(step > 0, step, self.step))
+        self.step_pending.fill_(0)
 
     @torch.no_grad()
     def _project_bits(self) -> None:
@@ -379,7 +405,8 @@ class A2Q:
     def __call__(self, spec: LayerSpec) -> dict[str, Quantizer]:
         roles: dict[str, Quantizer] = {}
         if self._quantizes_input(spec):
-            roles["input"] = self._per_node(spec, "feature", self._initial_bits(), learn_bits=True)
+            roles["input"] = self._per_node(spec, "feature", self._initial_bits(),
+                                            learn_bits=self.cfg.learn_bits, feature_bits=True)
         if spec.kind in ("gcn", "gat", "linear"):
             roles["weight"] = self._fixed(spec, "weight", spec.out_dim * spec.heads, 0)
         if spec.kind == "gcn" and self.cfg.quantize_xw:
@@ -389,7 +416,7 @@ class A2Q:
             roles["input"] = self._fixed(spec, "xw", spec.in_dim, 1, local=True)
         if spec.kind == "gat":
             roles["feature"] = self._per_node(spec, "gat_feature", self.cfg.xw_bits,
-                                              learn_bits=False)
+                                              learn_bits=False, feature_bits=False)
             roles["attention"] = self._fixed(spec, "attention", spec.heads, 0)
             roles["score"] = self._fixed(spec, "score", spec.heads, 1)
         return roles
@@ -398,6 +425,8 @@ class A2Q:
         """``init_bits``, or the bit budget when it is lower: descending to a budget under
         Adam's momentum overshoots it by up to a bit, which only the slow Local Gradient
         would win back."""
+        if not self.cfg.learn_bits:
+            return self.cfg.init_bits
         budget = self.cfg.bit_budget if self.cfg.memory_target_kb is None else None
         return self.cfg.init_bits if budget is None else min(self.cfg.init_bits, budget)
 
@@ -431,13 +460,16 @@ class A2Q:
         bits = self.cfg.weight_bits if tensor in ("weight", "attention") else self.cfg.xw_bits
         # Weights and attention vectors are signed parameters: no need to wait for data.
         unsigned = False if tensor in ("weight", "attention") else None
+        from_data = tensor in ("weight", "attention") and self.cfg.weight_step_init == "lsq"
         return A2QQuantizer(groups, dim, bits, learn_bits=False, local=local,
-                            unsigned=unsigned, **self._common(spec, tensor))
+                            unsigned=unsigned, step_from_data=from_data,
+                            **self._common(spec, tensor))
 
-    def _per_node(self, spec: LayerSpec, tensor: str, bits: int,
-                  learn_bits: bool) -> A2QQuantizer:
-        """One group per node (node level, transductive) or an NNS table (graph level)."""
-        common = self._common(spec, tensor)
+    def _per_node(self, spec: LayerSpec, tensor: str, bits: int, learn_bits: bool,
+                  feature_bits: bool) -> A2QQuantizer:
+        """One group per node (node level, transductive) or an NNS table (graph level);
+        ``feature_bits``: these are the node-feature bits ``avg_bits`` averages."""
+        common = dict(self._common(spec, tensor), counts_in_average=feature_bits)
         if spec.level == "graph":
             return NNSQuantizer(self.cfg.nns_table_size, bits, learn_bits=learn_bits, **common)
         if spec.num_nodes is None:
