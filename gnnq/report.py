@@ -53,6 +53,7 @@ class Group:
     model: str
     method: str
     bits: str
+    config: str  # task_name: pinned experiments with other settings get their own row
     metric: str = "acc"
     jobs: int = 0
     stats: dict[str, Stat] = field(default_factory=lambda: {r: Stat() for r in RULES})
@@ -78,7 +79,7 @@ def group_runs(runs) -> list[Group]:
         bits = next((f"{p.split('.')[-1]}={params[p]}" for p in BIT_PARAMS if p in params), "fp32")
         key = (tags.get("dataset", params.get("dataset.name", "?")),
                tags.get("model", params.get("model.name", "?")),
-               tags.get("method", "fp32"), bits, kind)
+               tags.get("method", "fp32"), bits, params.get("task_name", "-"), kind)
         group = groups.setdefault(key, Group(*key))
         n = int(metrics.get("runs_completed", 1))
         group.jobs += 1
@@ -97,12 +98,12 @@ def markdown(groups: list[Group], title: str, command: str) -> str:
              "*best test* is the best test metric over epochs (the A²Q code's protocol); "
              "accuracies in %, MAE raw. `avg_bits`/`compression` as defined in "
              "`gnnq/quant/cost.py`.", "",
-             "| dataset | model | method | bits | metric | runs | test | best test | val | "
-             "avg_bits | compression | jobs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | model | method | bits | config | metric | runs | test | best test | "
+             "val | avg_bits | compression | jobs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         lines.append(
-            f"| {g.dataset} | {g.model} | {g.method} | {g.bits} | {g.metric} | "
+            f"| {g.dataset} | {g.model} | {g.method} | {g.bits} | {g.config} | {g.metric} | "
             f"{g.stats['test'].n} | {g.stats['test']} | {g.stats['best_test']} | "
             f"{g.stats['val']} | {g.avg_bits.mean:.2f} | {g.compression.mean:.2f}x | {g.jobs} |")
     return "\n".join(lines) + "\n"

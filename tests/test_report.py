@@ -38,10 +38,13 @@ def store(tmp_path):
         _job(client, exp, "cora", "gcn", "a2q", {"quant.bit_budget": budget},
              {**final(acc, 1.0), "avg_bits": float(budget) - 0.1,
               "compression_ratio": 32 / (float(budget) - 0.1)}, parent=parent)
-    # two single-seed jobs of the same group are pooled into one row of 2 runs
+    # two single-seed jobs of the same group are pooled into one row of 2 runs ...
     for acc in (70.0, 72.0):
         _job(client, exp, "citeseer", "gcn", "fp32", {},
              {**final(acc, 0.0), "runs_completed": 1})
+    # ... but a pinned experiment (another task_name) is a row of its own
+    _job(client, exp, "citeseer", "gcn", "fp32", {"task_name": "fp32_gcn_citeseer"},
+         final(70.8, 0.7))
     client.set_terminated(parent)
     return tmp_path, uri, parent
 
@@ -65,11 +68,12 @@ def test_report_table_and_plot(store):
     table = (tmp_path / "out" / "cmp.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| cora") or
             line.startswith("| citeseer")]
-    assert len(rows) == 4
-    assert "| cora | gcn | fp32 | fp32 | acc | 10 | 81.50 ± 0.50 | 82.50 ± 0.50 | 80.50 ± 0.50 | " \
-           "32.00 | 1.00x | 1 |" in table
-    assert "| cora | gcn | a2q | bit_budget=2.0 | acc | 10 | 80.00 ± 1.00 |" in table
-    assert "| citeseer | gcn | fp32 | fp32 | acc | 2 | 71.00 ± 1.41 |" in table
+    assert len(rows) == 5
+    assert "| cora | gcn | fp32 | fp32 | - | acc | 10 | 81.50 ± 0.50 | 82.50 ± 0.50 | " \
+           "80.50 ± 0.50 | 32.00 | 1.00x | 1 |" in table
+    assert "| cora | gcn | a2q | bit_budget=2.0 | - | acc | 10 | 80.00 ± 1.00 |" in table
+    assert "| citeseer | gcn | fp32 | fp32 | - | acc | 2 | 71.00 ± 1.41 |" in table
+    assert "| citeseer | gcn | fp32 | fp32 | fp32_gcn_citeseer | acc | 10 | 70.80 ± 0.70 |" in table
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 1000
 
 
