@@ -11,14 +11,13 @@ from each job's summary.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-from pathlib import Path
+import shutil
+
+from common import OUTPUTS, ROOT, fmt, machine, run_all, summaries
 
 from gnnq.train.metrics import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "outputs" / "baselines"
+OUT = OUTPUTS / "baselines"
 
 # experiment name -> (floor for the primary protocol, published reference)
 EXPERIMENTS = {
@@ -38,41 +37,6 @@ EXPERIMENTS = {
 
 # Experiments whose 10 repeats are split into parallel jobs (first_run/runs), pooled in the table.
 SHARDS = {"fp32_gin_reddit_binary": 2, "fp32_gat_coauthor_cs": 2}
-RUNS = 10
-
-
-def run(name: str, extra: list[str]) -> None:
-    shards = SHARDS.get(name, 1)
-    per_shard = RUNS // shards
-    jobs = []
-    for shard in range(shards):
-        folder = OUT / name / f"shard{shard}" if shards > 1 else OUT / name
-        cmd = ["gnnq", "train", f"+experiment={name}", f"hydra.run.dir={folder}",
-               "trainer.progress=log", *extra]
-        if shards > 1:
-            cmd += [f"first_run={shard * per_shard}", f"runs={per_shard}"]
-        print("+", " ".join(cmd), flush=True)
-        jobs.append(subprocess.Popen(cmd, cwd=ROOT))
-    if any(job.wait() != 0 for job in jobs):
-        raise SystemExit(f"{name} failed")
-
-
-def summaries(name: str) -> list[dict]:
-    paths = [OUT / name / "summary.json", *sorted((OUT / name).glob("shard*/summary.json"))]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
-
-
-def machine() -> str:
-    for name in EXPERIMENTS:
-        for summary in summaries(name):
-            m = summary["machine"]
-            return f"torch {m['torch']}, Python {m['python']}"
-    return "no runs yet"
-
-
-def fmt(runs: list[dict], key: str) -> str:
-    mean, std = mean_std(r[key] for r in runs)
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 below: list[str] = []  # rows under their floor, filled by table()
@@ -84,7 +48,7 @@ def table(names: list[str]) -> str:
             "best test over epochs (A²Q code) | val | floor | reference | s/run |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        parts = summaries(name)
+        parts = summaries(OUT / name)
         if not parts:
             continue
         runs = [r for part in parts for r in part["runs"]]
@@ -111,8 +75,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     if not args.table_only:
-        for name in args.only:
-            run(name, args.overrides)
+        for name in args.only:  # asked for by name: rerun even if finished
+            shutil.rmtree(OUT / name, ignore_errors=True)
+        run_all([(OUT / name, [f"+experiment={name}", *args.overrides], SHARDS.get(name, 1))
+                 for name in args.only])
     body = table(list(EXPERIMENTS))
     text = f"""# FP32 baselines
 
@@ -126,7 +92,7 @@ such epoch); "best test over epochs" is the official A²Q code's protocol (optim
 on test). "epochs" is the number trained per run (no early stopping); "s/run" is wall time per
 run, measured while other jobs shared the cores (an upper bound). REDDIT-BINARY's folds and
 GAT-Coauthor-CS's seeds ran as two parallel jobs of 5
-(`first_run=0/5 runs=5`), pooled; their s/run counts both jobs' time. Measured on the development machine: 2 CPU cores, no GPU, {machine()}.
+(`first_run=0/5 runs=5`), pooled; their s/run counts both jobs' time. Measured on the development machine: 2 CPU cores, no GPU, {machine(OUT / n for n in EXPERIMENTS)}.
 
 {body}
 """

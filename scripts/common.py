@@ -1,0 +1,87 @@
+"""What the result scripts share: run `gnnq train` jobs into fixed folders and read back
+their summary.json files.
+
+Each job is the `gnnq` command exactly as a user types it, logged to the project's MLflow
+store unless `tracking=none` is among the overrides. A job whose repeats are split into
+`shards` parallel jobs (`first_run`/`runs`) writes `shard<k>/summary.json`; readers pool them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from gnnq.train.metrics import mean_std
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ROOT / "outputs"
+
+
+def gnnq_command() -> list[str]:
+    """`gnnq` from the running interpreter's environment, even when it is not on PATH."""
+    script = Path(sys.executable).with_name("gnnq")
+    return [str(script)] if script.exists() else [shutil.which("gnnq") or "gnnq"]
+
+
+def launch(folder: Path, overrides: Sequence[str], shards: int = 1,
+           runs: int = 10) -> list[subprocess.Popen]:
+    """Start the job(s) writing into ``folder``; one process per shard, single-threaded."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    per_shard = runs // shards
+    jobs = []
+    for shard in range(shards):
+        target = folder / f"shard{shard}" if shards > 1 else folder
+        cmd = [*gnnq_command(), "train", *overrides, f"hydra.run.dir={target}",
+               "trainer.progress=log", f"runs={per_shard}"]
+        if shards > 1:
+            cmd.append(f"first_run={shard * per_shard}")
+        print("+ gnnq", " ".join(cmd[1:]), flush=True)
+        jobs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+    return jobs
+
+
+def run_all(jobs: Iterable[tuple[Path, Sequence[str], int]], parallel: int = 1) -> None:
+    """Run ``(folder, overrides, shards)`` jobs, up to ``parallel`` processes at a time;
+    a folder that already has its summaries is skipped (delete it to rerun)."""
+    pending = [job for job in jobs if not summaries(job[0])]
+    running: list[subprocess.Popen] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            folder, overrides, shards = pending.pop(0)
+            running += launch(folder, overrides, shards)
+        finished = running.pop(0)
+        if finished.wait() != 0:
+            failed.append(" ".join(finished.args[1:]))
+    if failed:
+        raise SystemExit("failed: " + "; ".join(failed))
+
+
+def summaries(folder: Path) -> list[dict]:
+    """The job's summary.json, or those of its shards."""
+    paths = [folder / "summary.json", *sorted(folder.glob("shard*/summary.json"))]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def pooled_runs(folder: Path) -> list[dict]:
+    return [run for part in summaries(folder) for run in part["runs"]]
+
+
+def fmt(runs: list[dict], key: str, digits: int = 2) -> str:
+    if not runs:
+        return "–"
+    mean, std = mean_std(r[key] for r in runs)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def machine(folders: Iterable[Path]) -> str:
+    for folder in folders:
+        for summary in summaries(folder):
+            m = summary["machine"]
+            return f"torch {m['torch']}, Python {m['python']}"
+    return "no runs yet"
