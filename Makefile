@@ -26,7 +26,7 @@ data:
 	else echo "note: $(SHARED_DATA) not found; datasets load from $(GNNQ_DATA) or download"; fi
 
 run: install data
-	$(BIN)/gnnq train +experiment=fp32_gcn_cora runs=1
+	$(BIN)/gnnq train +quant=a2q dataset=cora
 
 test: install data
 	$(BIN)/python -m pytest -q tests
