@@ -45,9 +45,11 @@ class Row:
         return 2 if "reddit" in self.a2q else 1
 
     def target(self) -> str:
-        bound = (f"≥ {self.min_acc:.1f}" if self.min_acc is not None
-                 else f"≤ {self.max_drop:.1f} pp drop")
-        return f"≤ {self.max_bits} bits, {bound}"
+        if self.min_acc is not None:
+            return f"≤ {self.max_bits} bits, ≥ {self.min_acc:.1f}"
+        if self.max_drop is not None:
+            return f"≤ {self.max_bits} bits, ≤ {self.max_drop:.1f} pp drop"
+        return "(no target)"
 
 
 MAIN = [
@@ -146,7 +148,7 @@ def main_table() -> tuple[str, list[str]]:
         lines.append(f"| {model} | {dataset} | {fmt(fp32, 'test')} | {fmt(fp32, 'best_test')} | "
                      f"{fmt(a2q, 'test')} | {fmt(a2q, 'best_test')} | {-drop:+.2f} | "
                      f"{fmt(a2q, 'avg_bits')} | {fmt(a2q, 'compression_ratio', 1)}x | "
-                     f"{len(a2q)} | {row.target() if verdict != '–' else '(no target)'} | "
+                     f"{len(a2q)} | {row.target()} | "
                      f"{verdict} |")
     return "\n".join(lines), misses
 
