@@ -25,7 +25,7 @@ DATASETS = (
     "zinc",
     "synthetic", "synthetic_graphs",
 )
-MODELS = ("gcn", "gin", "gat")
+MODELS = ("gcn", "gin", "gat", "smp")
 SCHEDULERS = ("none", "step", "cosine", "plateau")
 STRATEGIES = ("task_gradient", "local_gradient")
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -45,6 +45,27 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
         hi = "" if high is None else f"<= {high}"
         rule = " and ".join(s for s in (lo, hi) if s)
         raise GnnqError(f"Invalid value for {key}: {value!r}. It must be {rule}.")
+
+
+def parse_method_config(schema: type, quant: Any, method: str,
+                        nested: Optional[dict[str, type]] = None) -> Any:
+    """``quant`` (the composed ``quant`` group of ``+quant=<method>``) merged into the
+    dataclass ``schema`` and instantiated, so its ``__post_init__`` checks run. ``nested``
+    maps ``quant.<field>`` to the dataclass of a sub-section, so an unknown key there lists
+    that section's valid options. Errors name the key, the bad value and what is valid."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), quant)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = f"quant.{err.full_key}"
+        parent = key.rsplit(".", 1)[0]
+        section = {"quant": schema, **(nested or {})}.get(parent)
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(section))) if section else "?"
+        raise GnnqError(f"Unknown config option {key!r} for quant={method}. Valid options under "
+                        f"{parent}: {valid}.") from None
+    except OmegaConfBaseException as err:
+        raise GnnqError(f"Invalid config value for 'quant.{err.full_key}': "
+                        f"{str(err).splitlines()[0]}.") from None
 
 
 @dataclass
@@ -102,9 +123,27 @@ class ModelConfig:
     # Graph-level models: readout over nodes and BatchNorm after each layer.
     pooling: str = "sum"
     batch_norm: bool = True
+    # SMP (model=smp, node level): propagation steps K, teleport alpha (also the step size
+    # eta_H), "smp" or plain "appnp" propagation (multiplier held at 0), the correction
+    # direction ("laplacian": the exact gradient L~Delta; "adjacency": the official code's
+    # A~Delta), the change-energy budget per nonzero of A~ (c = threshold * nnz), and the
+    # step sizes of the multiplier and the slack (gnnq/models/smp_prop.py).
+    steps: int = 10
+    alpha: float = 0.1
+    propagation: str = "smp"
+    correction: str = "laplacian"
+    threshold: float = 0.1
+    multiplier_lr: float = 1.0e-5
+    slack_lr: float = 1.0e-5
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, MODELS)
+        check_range("model.steps", self.steps, 0)
+        check_range("model.alpha", self.alpha, 0.0, 1.0, low_open=True)
+        check_choice("model.propagation", self.propagation, ("smp", "appnp"))
+        check_choice("model.correction", self.correction, ("laplacian", "adjacency"))
+        for key in ("threshold", "multiplier_lr", "slack_lr"):
+            check_range(f"model.{key}", getattr(self, key), 0.0)
         check_range("model.hidden", self.hidden, 1)
         check_range("model.layers", self.layers, 1)
         check_range("model.dropout", self.dropout, 0.0, 1.0)

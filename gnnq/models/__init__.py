@@ -23,15 +23,17 @@ from gnnq.models.gin_conv import QGINConv
 from gnnq.models.graph import GraphGCN, GraphGIN
 from gnnq.models.node import GAT, GCN, GIN
 from gnnq.models.qlinear import QLinear
+from gnnq.models.smp import SMP
+from gnnq.models.smp_prop import SMPProp
 from gnnq.quant.base import QuantizerFactory
 
-NODE_MODELS = ("gcn", "gin", "gat")
+NODE_MODELS = ("gcn", "gin", "gat", "smp")
 GRAPH_MODELS = ("gcn", "gin")
 
 __all__ = [
     "build_model", "NODE_MODELS", "GRAPH_MODELS",
     "QLinear", "QGCNConv", "QGINConv", "QGATConv", "gcn_norm",
-    "GCN", "GIN", "GAT", "GraphGCN", "GraphGIN",
+    "GCN", "GIN", "GAT", "GraphGCN", "GraphGIN", "SMP", "SMPProp",
 ]
 
 
@@ -60,6 +62,12 @@ def _node_model(cfg: ModelConfig, task: Task, out_channels: int,
     if cfg.name == "gat":
         return GAT(**common, heads=cfg.heads, out_heads=cfg.out_heads,
                    attn_dropout=cfg.attn_dropout)
+    if cfg.name == "smp":
+        return SMP(task.num_features, out_channels, hidden=cfg.hidden, dropout=cfg.dropout,
+                   steps=cfg.steps, alpha=cfg.alpha, propagation=cfg.propagation,
+                   correction=cfg.correction, threshold=cfg.threshold,
+                   multiplier_lr=cfg.multiplier_lr, slack_lr=cfg.slack_lr,
+                   quantizers=quantizers, num_nodes=task.graph.num_nodes)
     raise choice_error("model", cfg.name, NODE_MODELS)
 
 

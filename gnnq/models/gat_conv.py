@@ -12,7 +12,7 @@ from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
 from gnnq.models.qlinear import QLinear
 from gnnq.models.utils import LINEAR_ROLES, reset_quantizers, split_roles
-from gnnq.quant.base import RoleQuantizers
+from gnnq.quant.base import RoleQuantizers, share_graph
 
 
 class QGATConv(MessagePassing):
@@ -38,7 +38,9 @@ class QGATConv(MessagePassing):
     Two roles carry the head on dimension 1: ``attention``, the attention vectors
     :math:`[\mathbf{a}_s\|\mathbf{a}_d]` as one :math:`(K, 2C)` tensor, and ``score``, the
     edge logits :math:`(|\mathcal{E}|, K)` before the LeakyReLU (A²Q's ``q_gat_attn`` and
-    ``q_gat_edge``). Softmax and attention dropout stay FP32. Node-wise:
+    ``q_gat_edge``). Softmax and attention dropout stay FP32. Quantizers that ``uses_graph``
+    get this pass's graph (:func:`~gnnq.quant.base.share_graph`) and, for ``message`` and
+    ``score``, each row's target node. Node-wise:
 
     - :meth:`edge_update`: the attention coefficients :math:`\alpha_{ij}`
     - :meth:`message`: :math:`Q_{\text{message}}(\alpha_{ij}\mathbf{h}_j)`
@@ -103,6 +105,7 @@ class QGATConv(MessagePassing):
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         H, C = self.heads, self.out_channels
+        share_graph(self, edge_index, x.size(0))
         h = self.lin(x).view(-1, H, C)
         att = self.q("attention", torch.cat([self.att_src, self.att_dst], dim=-1))
         att_src, att_dst = att.split(C, dim=-1)
@@ -117,13 +120,13 @@ class QGATConv(MessagePassing):
 
     def edge_update(self, score_j: Tensor, score_i: Tensor, index: Tensor,
                     ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
-        logits = self.q("score", score_j + score_i)
+        logits = self.q("score", score_j + score_i, index=index)
         alpha = softmax(F.leaky_relu(logits, self.negative_slope), index, ptr, dim_size)
         return F.dropout(alpha, p=self.dropout, training=self.training)
 
-    def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
+    def message(self, x_j: Tensor, alpha: Tensor, index: Tensor) -> Tensor:
         # Heads are flattened so every quantizer sees a 2-D (rows, features) tensor.
-        return self.q("message", (alpha.unsqueeze(-1) * x_j).flatten(1))
+        return self.q("message", (alpha.unsqueeze(-1) * x_j).flatten(1), index=index)
 
     def aggregate(self, inputs: Tensor, index: Tensor, ptr: Optional[Tensor] = None,
                   dim_size: Optional[int] = None) -> Tensor:

@@ -11,7 +11,7 @@ from torch_geometric.utils import add_remaining_self_loops, degree, spmm
 
 from gnnq.models.qlinear import QLinear
 from gnnq.models.utils import LINEAR_ROLES, reset_quantizers, sparse_adj_t, split_roles
-from gnnq.quant.base import RoleQuantizers
+from gnnq.quant.base import RoleQuantizers, share_graph
 
 
 def gcn_norm(edge_index: Tensor, num_nodes: int,
@@ -48,7 +48,8 @@ class QGCNConv(MessagePassing):
     The ``input``, ``weight`` and ``feature`` roles live in :attr:`lin`. Per-edge messages
     are only built when a ``message`` quantizer needs them; otherwise message and aggregate
     are one sparse product (:meth:`message_and_aggregate`). The normalisation coefficients
-    stay FP32.
+    stay FP32. Quantizers that ``uses_graph`` get this pass's graph
+    (:func:`~gnnq.quant.base.share_graph`) and, for ``message``, each row's target node.
 
     Args:
         in_channels (int): Size of each input sample.
@@ -99,6 +100,7 @@ class QGCNConv(MessagePassing):
         self._cached_graph = None
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        share_graph(self, edge_index, x.size(0))
         adj, weight = self._normalized_graph(edge_index, x.size(0), x.dtype)
         h = self.lin(x)
         return self.propagate(adj, x=h, weight=weight)
@@ -120,8 +122,8 @@ class QGCNConv(MessagePassing):
         # Copies and pickles drop the cache: it is derived data, and CSR tensors can't be copied.
         return {**super().__getstate__(), "_cached_graph": None}
 
-    def message(self, x_j: Tensor, weight: Tensor) -> Tensor:
-        return self.q("message", weight.view(-1, 1) * x_j)
+    def message(self, x_j: Tensor, weight: Tensor, index: Tensor) -> Tensor:
+        return self.q("message", weight.view(-1, 1) * x_j, index=index)
 
     def aggregate(self, inputs: Tensor, index: Tensor, ptr: Optional[Tensor] = None,
                   dim_size: Optional[int] = None) -> Tensor:

@@ -11,7 +11,7 @@ from torch_geometric.nn.inits import reset
 from torch_geometric.utils import remove_self_loops, spmm
 
 from gnnq.models.utils import reset_quantizers, sparse_adj_t
-from gnnq.quant.base import RoleQuantizers
+from gnnq.quant.base import RoleQuantizers, share_graph
 
 
 class QGINConv(MessagePassing):
@@ -35,6 +35,8 @@ class QGINConv(MessagePassing):
     The MLP's :class:`~gnnq.models.qlinear.QLinear` layers carry their own ``input``,
     ``weight`` and ``feature`` quantizers. Per-edge messages are only built when a
     ``message`` quantizer needs them; otherwise the neighbour sum is one sparse product.
+    Quantizers that ``uses_graph`` (the MLP's included) get this pass's graph
+    (:func:`~gnnq.quant.base.share_graph`) and, for ``message``, each row's target node.
 
     Args:
         nn (torch.nn.Module): The MLP :math:`h_{\mathbf{\Theta}}`, mapping
@@ -79,6 +81,7 @@ class QGINConv(MessagePassing):
         self._cached_adj = None
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        share_graph(self, edge_index, x.size(0))
         x = self.q("input", x)
         adj = self._neighbour_graph(edge_index, x.size(0), x.dtype)
         return self.nn(self.propagate(adj, x=x))
@@ -98,8 +101,8 @@ class QGINConv(MessagePassing):
         # Copies and pickles drop the cache: it is derived data, and CSR tensors can't be copied.
         return {**super().__getstate__(), "_cached_adj": None}
 
-    def message(self, x_j: Tensor) -> Tensor:
-        return self.q("message", x_j)
+    def message(self, x_j: Tensor, index: Tensor) -> Tensor:
+        return self.q("message", x_j, index=index)
 
     def aggregate(self, inputs: Tensor, index: Tensor, ptr: Optional[Tensor] = None,
                   dim_size: Optional[int] = None) -> Tensor:

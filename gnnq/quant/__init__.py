@@ -8,13 +8,19 @@ from gnnq.data.task import Task
 from gnnq.errors import GnnqError, choice_error
 from gnnq.quant.a2q import build_a2q
 from gnnq.quant.base import QuantizerFactory
+from gnnq.quant.degree_quant import build_degree_quant
+from gnnq.quant.smoothness import build_smoothness
 
 #: name -> builder(quant config dict, task) -> QuantizerFactory. Methods register here.
 #: A factory may also define ``penalty(model) -> Tensor | None``, a loss term for the last
 #: forward pass that the trainer hands to the strategy with the task loss, and
 #: ``artifacts(model, task, folder) -> list[Path]``, files the experiment logs under
 #: ``analysis/`` for the selected model of the last run.
-METHODS: dict[str, Callable[[dict[str, Any], Task], QuantizerFactory]] = {"a2q": build_a2q}
+METHODS: dict[str, Callable[[dict[str, Any], Task], QuantizerFactory]] = {
+    "a2q": build_a2q,
+    "degree_quant": build_degree_quant,
+    "smoothness": build_smoothness,
+}
 
 
 def build_quantizers(quant: Optional[dict[str, Any]], task: Task) -> Optional[QuantizerFactory]:

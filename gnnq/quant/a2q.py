@@ -41,11 +41,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import Tensor, nn
 
-from gnnq.config import check_choice, check_range
+from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.data.task import Task
 from gnnq.errors import GnnqError
 from gnnq.quant.base import BitCost, LayerSpec, Quantizer
@@ -145,20 +143,8 @@ class A2QConfig:
 
 def parse_config(quant: dict[str, Any]) -> A2QConfig:
     """``quant`` checked against :class:`A2QConfig`; errors name the key and what is valid."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(A2QConfig), quant)
-        return OmegaConf.to_object(merged)
-    except ConfigKeyError as err:
-        key = f"quant.{err.full_key}"
-        parent = key.rsplit(".", 1)[0]
-        schema = {"quant": A2QConfig, "quant.lr": A2QLearningRates,
-                  "quant.step_init": A2QStepInit}.get(parent)
-        valid = ", ".join(sorted(f.name for f in fields(schema))) if schema else "?"
-        raise GnnqError(f"Unknown config option {key!r} for quant=a2q. Valid options under "
-                        f"{parent}: {valid}.") from None
-    except OmegaConfBaseException as err:
-        raise GnnqError(f"Invalid config value for 'quant.{err.full_key}': "
-                        f"{str(err).splitlines()[0]}.") from None
+    return parse_method_config(A2QConfig, quant, "a2q", {"quant.lr": A2QLearningRates,
+                                                         "quant.step_init": A2QStepInit})
 
 
 # -- the quantizer -------------------------------------------------------------------------

@@ -5,12 +5,28 @@ Layers receive quantizers by *tensor role*, not by method. A method is a factory
 the identity, so a model never crashes on a missing role. Each quantizer reports what it
 spends (:class:`BitCost`), so average bits and compression are computed in one place
 (:mod:`gnnq.quant.cost`) for every method alike.
+
+**Graph context.** Most quantizers see only their tensor. A method whose quantizers depend on
+the graph (Degree-Quant protects rows by their node's in-degree) sets ``uses_graph = True``
+on them; then, and only then:
+
+- every conv calls :func:`share_graph` at the start of its ``forward``, which hands one
+  :class:`GraphContext` (the graph of this pass: ``edge_index``, ``num_nodes``, a per-pass
+  cache) to each such quantizer inside the conv, its linear maps and GIN MLP included. What
+  is derived from the graph once per pass and layer (a degree, a sampled mask) lives in that
+  context's cache, so all quantizers of a layer share it;
+- :meth:`RoleQuantizers.forward` passes such a quantizer the row -> node ``index`` of the
+  tensor as a second argument: the target node of each row for per-edge tensors
+  (``message``, ``score``), ``None`` where the rows are the graph's nodes. Quantizers
+  outside every conv (the graph-level head, whose rows are graphs) never get a context.
+
+Quantizers without the flag are called as before, ``quantizer(x)``, and never see a context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Protocol
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol
 
 import torch
 from torch import nn
@@ -52,10 +68,52 @@ class Quantizer(nn.Module):
     """
 
     counts_in_average: bool = True
+    #: Receives the layer's :class:`GraphContext` (:meth:`set_graph`) and is called as
+    #: ``quantizer(x, index)`` (see the module docstring). ``False``: ``quantizer(x)``.
+    uses_graph: bool = False
 
     def bit_cost(self) -> Optional[BitCost]:
         """Bits spent on the tensor of the last forward pass; ``None`` before any."""
         raise NotImplementedError
+
+    def set_graph(self, graph: "GraphContext") -> None:
+        """The graph of the current forward pass (only called when ``uses_graph``)."""
+
+
+class GraphContext:
+    """The graph one layer's forward pass runs on, shared by that layer's quantizers.
+
+    ``edge_index`` is the graph as the conv received it (``[2, E]``, messages flow from
+    ``edge_index[0]`` to ``edge_index[1]``), ``num_nodes`` its node count. A new context is
+    built for every pass of every conv, so :meth:`cached` values are per pass and per layer.
+    """
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int) -> None:
+        self.edge_index = edge_index
+        self.num_nodes = num_nodes
+        self._cache: dict[str, Any] = {}
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed on the first call with ``key`` in this pass, then reused."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def in_degree(self) -> torch.Tensor:
+        """In-degree of every node, ``[num_nodes]`` (edges counted as given, self-loops too)."""
+        return self.cached("in_degree", lambda: torch.bincount(
+            self.edge_index[1], minlength=self.num_nodes)[: self.num_nodes])
+
+
+def share_graph(module: nn.Module, edge_index: torch.Tensor, num_nodes: int) -> None:
+    """Hand one :class:`GraphContext` for this pass to every quantizer under ``module`` that
+    ``uses_graph`` (a conv calls it on itself at the start of ``forward``); without such
+    quantizers nothing is built."""
+    graph: Optional[GraphContext] = None
+    for child in module.modules():
+        if isinstance(child, Quantizer) and child.uses_graph:
+            graph = graph or GraphContext(edge_index, num_nodes)
+            child.set_graph(graph)
 
 
 class QuantizerFactory(Protocol):
@@ -82,9 +140,14 @@ class RoleQuantizers(nn.Module):
     def has(self, role: str) -> bool:
         return role in self._modules
 
-    def forward(self, role: str, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, role: str, x: torch.Tensor,
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` through the ``role`` quantizer. ``index``: the node of each row of a
+        per-edge tensor (its target), handed only to quantizers that ``uses_graph``."""
         quantizer = self._modules.get(role)
-        return x if quantizer is None else quantizer(x)
+        if quantizer is None:
+            return x
+        return quantizer(x, index) if quantizer.uses_graph else quantizer(x)
 
 
 def layer_quantizers(factory: Optional[QuantizerFactory], spec: LayerSpec) -> RoleQuantizers:

@@ -1,0 +1,366 @@
+"""Degree-Quant (Tailor et al., ICLR 2021): uniform INT8/INT4 quantization-aware training with
+stochastic protection of high in-degree nodes and percentile ranges.
+
+Written from the paper's description (``docs/peers.md`` §1.2); the options, with their
+sources, are documented in ``conf/quant/degree_quant.yaml``.
+
+**What is quantized.** Every tensor of every message-passing stage, per tensor, to
+``bits`` bits (:data:`BIT_CHOICES`):
+
+==============================================  =====================  ==================
+tensor (role)                                   range                  rows protected
+==============================================  =====================  ==================
+layer inputs (``input``; GIN MLP linears after  percentile, EMA         nodes
+the first, head linears)
+weights (``weight``), GAT ``attention``         min/max of the tensor  never
+XW (``feature``; GIN MLP linear outputs)        percentile, EMA        nodes
+``message``, GAT ``score``                      percentile, EMA        edges, by target
+``aggregate``, ``update``                       percentile, EMA        nodes
+==============================================  =====================  ==================
+
+The first GIN MLP linear reads the conv's ``update`` output, already quantized, so it has no
+``input`` quantizer of its own. ``quantize_raw_input: false`` leaves the first conv's input
+(the raw features) FP32. Biases, BatchNorm, the normalised adjacency and the softmax stay FP32.
+
+**The grid.** Affine (asymmetric) over a range ``[lo, hi]`` widened to contain 0:
+``s = (hi - lo) / (2^bits - 1)``, zero point ``z = round(-lo / s)``, codes
+``q = clamp(round(x / s) + z, 0, 2^bits - 1)``, value ``(q - z) s``. Zero is exact, and any
+``x`` inside ``[lo, hi]`` is within ``s / 2`` of its value. Gradients are straight-through:
+identity inside the range and, with ``ste: masked`` (the paper's "gradient clipping" mode),
+zero on the clipped elements.
+
+**Ranges.** Activations use percentiles instead of min/max, so a few large aggregates (the
+high in-degree nodes) do not stretch the range of all others: ``lo`` and ``hi`` are the order
+statistics that leave the ``j = floor(percentile * (n - 1))`` smallest and ``j`` largest of the
+``n`` values outside (:func:`percentile_range`). In training every pass quantizes with the
+percentiles of its own tensor (all rows, protected ones included) and updates an exponential
+moving average ``r <- (1 - momentum) r + momentum r_pass`` (the first pass sets it). **At
+eval** (``eval_ranges: ema``, the default) every tensor is quantized with those frozen EMA
+ranges, so inference needs no statistics of its own and the model is deployable as integers;
+``eval_ranges: dynamic`` recomputes the percentiles of each eval tensor instead. Weights and
+GAT's attention vectors use the min/max of the current parameter, in training and eval alike.
+
+**Protection** (training only). Once per forward pass of each layer, every node ``i`` of the
+pass's graph is protected with probability
+``p_i = p_min + (p_max - p_min) * rank_i / rank_max``, where ``rank_i`` is the number of
+nodes with a lower in-degree (ties share a rank; so the lowest in-degree gets ``p_min`` and the
+highest ``p_max``; a graph whose nodes all have one in-degree gets ``p_min``), sampled as a
+Bernoulli mask (:func:`protection_probability`). The mask is drawn on the first quantizer's
+request and shared by all quantizers of the layer through its
+:class:`~gnnq.quant.base.GraphContext`; a protected node's rows (its rows of node tensors, and
+the rows of the edges that point to it in per-edge tensors) pass through unchanged, in FP32,
+with their ordinary gradient. In eval nothing is protected: every row is quantized. At graph
+level the ranks are taken over the nodes of the whole mini-batch (the authors rank each graph
+on its own).
+
+**Metrics.** ``avg_bits`` is the element-weighted bits of the activation quantizers
+(``counts_in_average``), measured on the last pass: exactly ``bits`` after an eval pass (what
+the trainer reports); in a training pass protected elements count 32 bits.
+``compression_ratio`` counts weights too, so it is ``32 / bits`` over every quantized tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from gnnq.config import check_choice, check_range, parse_method_config
+from gnnq.data.task import Task
+from gnnq.errors import GnnqError
+from gnnq.quant.base import BitCost, GraphContext, LayerSpec, Quantizer
+
+FP32_BITS = 32
+BIT_CHOICES = (4, 8)
+#: Fraction of values clipped at each end when ``quant.percentile`` is null: the authors'
+#: REDDIT-BINARY runner (``camlsys/degree-quant`` ``reddit_binary/main.py``, GC-PER mode).
+DEFAULT_PERCENTILE = {8: 0.001, 4: 0.01}
+EVAL_RANGES = ("ema", "dynamic")
+#: Tensors of at least this many values find their percentiles through a strided sample.
+SAMPLED_SEARCH_MIN = 1 << 16
+SAMPLE_STRIDE = 16
+STE_MODES = ("masked", "identity")
+
+
+# -- configuration -------------------------------------------------------------------------
+@dataclass
+class DegreeQuantConfig:
+    """The options of ``+quant=degree_quant``; ``conf/quant/degree_quant.yaml`` documents each."""
+
+    name: str = "degree_quant"
+    bits: int = 8
+    p_min: float = 0.0
+    p_max: float = 0.1
+    percentile: Optional[float] = None
+    momentum: float = 0.1
+    eval_ranges: str = "ema"
+    ste: str = "masked"
+    quantize_raw_input: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in BIT_CHOICES:
+            raise GnnqError(f"Invalid value for quant.bits: {self.bits!r}. Degree-Quant "
+                            f"supports INT8 and INT4; valid choices: "
+                            f"{', '.join(str(b) for b in sorted(BIT_CHOICES))}.")
+        check_range("quant.p_min", self.p_min, 0.0, 1.0)
+        check_range("quant.p_max", self.p_max, 0.0, 1.0)
+        if self.p_min > self.p_max:
+            raise GnnqError(f"Invalid value for quant.p_min: {self.p_min} is above quant.p_max "
+                            f"({self.p_max}). Both must lie in 0..1 with p_min <= p_max.")
+        if self.percentile is not None and not 0.0 <= self.percentile < 0.5:
+            raise GnnqError(f"Invalid value for quant.percentile: {self.percentile!r}. It must "
+                            f"be >= 0 and < 0.5 (the fraction clipped at each end), or null.")
+        check_range("quant.momentum", self.momentum, 0.0, 1.0, low_open=True)
+        check_choice("quant.eval_ranges", self.eval_ranges, EVAL_RANGES)
+        check_choice("quant.ste", self.ste, STE_MODES)
+
+    @property
+    def clip_fraction(self) -> float:
+        return DEFAULT_PERCENTILE[self.bits] if self.percentile is None else self.percentile
+
+
+def parse_config(quant: dict[str, Any]) -> DegreeQuantConfig:
+    """``quant`` checked against :class:`DegreeQuantConfig`; errors name the key and what is
+    valid."""
+    return parse_method_config(DegreeQuantConfig, quant, "degree_quant")
+
+
+# -- the grid ------------------------------------------------------------------------------
+def percentile_range(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)``: the order statistics of ``x`` that leave ``j = floor(fraction (n-1))``
+    values below and ``j`` above (``fraction = 0``: min and max). 0-d tensors, no gradient."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:  # e.g. the messages of a graph without edges
+        return flat.new_zeros(()), flat.new_zeros(())
+    j = int(math.floor(fraction * (n - 1) + 1e-9))
+    if j == 0:
+        return torch.aminmax(flat)
+    return order_statistic(flat, j + 1, largest=False), order_statistic(flat, j + 1, largest=True)
+
+
+def order_statistic(flat: Tensor, k: int, largest: bool) -> Tensor:
+    """The exact ``k``-th smallest (``largest``: largest) value of the 1-D ``flat``.
+
+    Percentiles run on every activation of every training pass, so large tensors take a
+    shortcut: a threshold ``t`` just past the ``k``-th value of a strided sample, then only the
+    values beyond ``t`` are searched (``t`` itself when the ``k``-th value ties with it, as the
+    zeros of sparse features do), and the whole tensor only if fewer than ``k`` lie beyond.
+    """
+    n = flat.numel()
+    if n >= SAMPLED_SEARCH_MIN and k * SAMPLE_STRIDE <= n:
+        sample = flat[::SAMPLE_STRIDE]
+        top = sample.topk(min(sample.numel(), k // SAMPLE_STRIDE + 8), largest=largest,
+                          sorted=False).values
+        t = top.min() if largest else top.max()
+        beyond = flat > t if largest else flat < t
+        n_beyond = int(torch.count_nonzero(beyond))
+        if n_beyond < k <= n_beyond + int(torch.count_nonzero(flat == t)):
+            return t
+        if n_beyond >= k:
+            flat = flat[beyond]
+    # topk is several times faster than kthvalue on CPU.
+    values = flat.topk(k, largest=largest, sorted=False).values
+    return values.min() if largest else values.max()
+
+
+def grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``(scale, zero_point)`` of the ``bits``-bit affine grid over ``[lo, hi]`` widened to 0."""
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(torch.finfo(torch.float32).tiny)
+    return scale, torch.round(-lo / scale)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``(clamp(round(x/s) + z, 0, Q) - z) s`` with a straight-through gradient, zeroed on the
+    clipped elements when ``masked``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, levels: int,
+                masked: bool) -> Tensor:
+        code = torch.div(x, scale).round_().add_(zero)  # in place: these tensors can be large
+        ctx.masked = masked and x.requires_grad  # raw inputs need no gradient mask
+        if ctx.masked:
+            ctx.save_for_backward((code >= 0) & (code <= levels))
+        return code.clamp_(0, levels).sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.masked:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None, None, None
+
+
+def fake_quantize(x: Tensor, lo: Tensor, hi: Tensor, bits: int,
+                  masked: bool = True) -> Tensor:
+    """``x`` on the ``bits``-bit grid of ``[lo, hi]`` (module docstring)."""
+    scale, zero = grid(lo.to(x.dtype), hi.to(x.dtype), bits)
+    return _FakeQuantize.apply(x, scale, zero, 2 ** bits - 1, masked)
+
+
+# -- protection ----------------------------------------------------------------------------
+def protection_probability(in_degree: Tensor, p_min: float, p_max: float) -> Tensor:
+    """Per node, ``p_min + (p_max - p_min) * rank / rank_max`` with ``rank`` the number of
+    nodes of lower in-degree (module docstring)."""
+    rank = torch.searchsorted(in_degree.sort().values, in_degree).to(torch.float32)
+    top = rank.max() if rank.numel() else rank.new_zeros(())
+    share = rank / top if top > 0 else torch.zeros_like(rank)
+    return p_min + (p_max - p_min) * share
+
+
+def protected_nodes(graph: GraphContext, p_min: float, p_max: float) -> Tensor:
+    """The Bernoulli protection mask of this pass and layer, ``[num_nodes]`` bool: drawn once
+    and cached in ``graph``, so every quantizer of the layer sees the same nodes protected."""
+    def draw() -> Tensor:
+        return torch.bernoulli(protection_probability(graph.in_degree(), p_min, p_max)).bool()
+
+    return graph.cached(f"degree_quant.mask[{p_min},{p_max}]", draw)
+
+
+# -- the quantizers ------------------------------------------------------------------------
+class _Uniform(Quantizer):
+    """What both quantizers share: ``bits``, the STE mode and the cost of the last tensor."""
+
+    def __init__(self, bits: int, masked_ste: bool) -> None:
+        super().__init__()
+        self.bits, self.masked_ste = bits, masked_ste
+        self._cost: Optional[BitCost] = None
+
+    def bit_cost(self) -> Optional[BitCost]:
+        return self._cost
+
+
+class WeightQuantizer(_Uniform):
+    """A parameter (weight, GAT attention vectors) on the grid of its own min/max."""
+
+    counts_in_average = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        lo, hi = percentile_range(x, 0.0)
+        self._cost = BitCost(elements=float(x.numel()), bits=float(x.numel() * self.bits))
+        return fake_quantize(x, lo, hi, self.bits, self.masked_ste)
+
+
+class ActivationQuantizer(_Uniform):
+    """An activation with percentile ranges (EMA for eval) and Degree-Quant's protection.
+
+    Buffers ``lo`` and ``hi`` hold the EMA range (saved with the model), ``tracked`` whether
+    a training pass has set it. The layer's :class:`~gnnq.quant.base.GraphContext` is used
+    for the pass it was given for and then dropped, so a quantizer called outside a conv (or
+    without one this pass) protects nothing.
+    """
+
+    uses_graph = True
+
+    def __init__(self, bits: int, *, clip_fraction: float, momentum: float, p_min: float,
+                 p_max: float, eval_ranges: str = "ema", masked_ste: bool = True) -> None:
+        super().__init__(bits, masked_ste)
+        self.clip_fraction, self.momentum = clip_fraction, momentum
+        self.p_min, self.p_max, self.eval_ranges = p_min, p_max, eval_ranges
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("tracked", torch.tensor(False))
+        self._graph: Optional[GraphContext] = None
+
+    def reset_parameters(self) -> None:
+        self.lo.zero_()
+        self.hi.zero_()
+        self.tracked.fill_(False)
+
+    def set_graph(self, graph: GraphContext) -> None:
+        self._graph = graph
+
+    def forward(self, x: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        graph, self._graph = self._graph, None
+        lo, hi = self._range(x)
+        out = fake_quantize(x, lo, hi, self.bits, self.masked_ste)
+        protected = 0
+        if self.training and graph is not None and self.p_max > 0:
+            rows = self._protected_rows(graph, x, index)
+            out = torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x, out)
+            protected = int(rows.sum()) * (x[0].numel() if x.size(0) else 0)
+        elements = x.numel()
+        self._cost = BitCost(elements=float(elements),
+                             bits=float((elements - protected) * self.bits
+                                        + protected * FP32_BITS))
+        return out
+
+    def _range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training:
+            if self.eval_ranges == "ema" and bool(self.tracked):
+                return self.lo, self.hi
+            return percentile_range(x, self.clip_fraction)
+        lo, hi = percentile_range(x, self.clip_fraction)
+        with torch.no_grad():
+            if bool(self.tracked):
+                self.lo.lerp_(lo.to(self.lo.dtype), self.momentum)
+                self.hi.lerp_(hi.to(self.hi.dtype), self.momentum)
+            else:
+                self.lo.copy_(lo)
+                self.hi.copy_(hi)
+                self.tracked.fill_(True)
+        return lo, hi
+
+    def _protected_rows(self, graph: GraphContext, x: Tensor,
+                        index: Optional[Tensor]) -> Tensor:
+        nodes = protected_nodes(graph, self.p_min, self.p_max)
+        rows = nodes if index is None else nodes[index]
+        if rows.numel() != x.size(0):
+            raise ValueError(f"Degree-Quant got a tensor of {x.size(0)} rows for a graph of "
+                             f"{graph.num_nodes} nodes and no row -> node index")
+        return rows
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, clip={self.clip_fraction}, momentum={self.momentum}, "
+                f"p=[{self.p_min}, {self.p_max}], eval_ranges={self.eval_ranges}")
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_graph": None}
+
+
+# -- placement -----------------------------------------------------------------------------
+class DegreeQuant:
+    """The Degree-Quant factory: ``factory(spec)`` gives a layer's quantizers (module
+    docstring). No penalty, no quantizer parameters: the task gradient trains the model."""
+
+    def __init__(self, cfg: DegreeQuantConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, spec: LayerSpec) -> dict[str, Quantizer]:
+        act, weight = self._activation, self._weight
+        roles: dict[str, Quantizer] = {}
+        if spec.kind in ("gcn", "gat", "gin") and (spec.index > 0 or self.cfg.quantize_raw_input):
+            roles["input"] = act()
+        if spec.kind in ("gcn", "gat"):
+            roles.update(weight=weight(), feature=act())
+        if spec.kind in ("gcn", "gat", "gin"):
+            roles.update(message=act(), aggregate=act(), update=act())
+        if spec.kind == "gat":
+            roles.update(attention=weight(), score=act())
+        if spec.kind == "linear":
+            if not spec.name.endswith(".nn.0"):  # GIN's first MLP linear reads Q(update)
+                roles["input"] = act()
+            roles.update(weight=weight(), feature=act())
+        return roles
+
+    def _activation(self) -> ActivationQuantizer:
+        cfg = self.cfg
+        return ActivationQuantizer(cfg.bits, clip_fraction=cfg.clip_fraction,
+                                   momentum=cfg.momentum, p_min=cfg.p_min, p_max=cfg.p_max,
+                                   eval_ranges=cfg.eval_ranges, masked_ste=cfg.ste == "masked")
+
+    def _weight(self) -> WeightQuantizer:
+        return WeightQuantizer(self.cfg.bits, self.cfg.ste == "masked")
+
+
+def build_degree_quant(quant: dict[str, Any], task: Task) -> DegreeQuant:
+    return DegreeQuant(parse_config(quant))
+
+
+__all__ = ["ActivationQuantizer", "DegreeQuant", "DegreeQuantConfig", "WeightQuantizer",
+           "build_degree_quant", "fake_quantize", "parse_config", "percentile_range",
+           "protected_nodes", "protection_probability"]

@@ -1,0 +1,455 @@
+"""Smoothness-aware quantization: the QLR quantizer (grid, BT/BT*, range search, gradients),
+SMP propagation (APPNP at lambda = 0, incidence matrix, multiplier, exact correction,
+sparsity), the model, the factory on every architecture, metrics and config errors."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import scipy.stats
+import torch
+from torch_geometric.data import Data
+from torch_geometric.nn import APPNP
+from torch_geometric.utils import to_dense_adj, to_undirected
+
+from gnnq.config import ModelConfig, StrategyConfig, TrainerConfig
+from gnnq.data.task import Task
+from gnnq.errors import GnnqError
+from gnnq.models import SMP, build_model, gcn_norm
+from gnnq.models.smp_prop import (SMPProp, change_energy, multiplier_step,
+                                  normalized_incidence)
+from gnnq.quant import build_quantizers
+from gnnq.quant.smoothness import (QLRQuantizer, make_grid, quantize_codes,
+                                   sample_skewness)
+from gnnq.quant.cost import average_bits, compression_ratio
+from gnnq.train.strategies import build_strategy
+
+
+def small_graph(n=30, edges=90, seed=0):
+    torch.manual_seed(seed)
+    return to_undirected(torch.randint(0, n, (2, edges)), num_nodes=n)
+
+
+def node_task(n=30, features=6, classes=3):
+    torch.manual_seed(0)
+    g = Data(x=torch.rand(n, features), edge_index=small_graph(n),
+             y=torch.randint(0, classes, (n,)))
+    return Task("toy", "node", features, classes, "acc", split=None, graph=g)
+
+
+def smoothness(task=None, **quant):
+    return build_quantizers({"name": "smoothness", **quant}, task or node_task())
+
+
+def dense_operators(edge_index, n):
+    loops, weight = gcn_norm(edge_index, n)
+    adj = to_dense_adj(loops, edge_attr=weight, max_num_nodes=n)[0]
+    return adj, torch.eye(n) - adj
+
+
+# -- the QLR grid ----------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_codes_lie_in_range_and_are_integers(bits):
+    q = QLRQuantizer(bits)
+    x = 3 * torch.randn(500) + 1
+    q(x)
+    codes = q.codes(100 * x)  # far outside the range too: clipped to the grid
+    assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
+    assert torch.equal(codes, codes.round())
+    assert codes.max() == 2 ** bits - 1 and codes.min() == 0
+
+
+@pytest.mark.parametrize("truncation", ["bt", "btstar"])
+def test_bt_codes_lie_on_the_four_level_grid(truncation):
+    q = QLRQuantizer(2, truncation=truncation)
+    x = torch.distributions.Exponential(1.0).sample((2000,))  # right-skewed
+    out = q(x)
+    codes = q.codes(x)
+    assert set(codes.unique().tolist()) <= {0.0, 85.0, 170.0, 255.0}
+    assert len(set(codes.unique().tolist())) >= 3
+    assert out.unique().numel() <= 4
+    if truncation == "btstar":
+        assert int(q.skew) == round(float(scipy.stats.skew(x.numpy()))) == 2
+
+
+def test_btstar_shifts_the_rounding_thresholds_by_the_skewness():
+    grid = make_grid(torch.tensor(0.0), torch.tensor(255.0), torch.tensor(1.0), 255)  # s = 1
+    x = torch.tensor([38.0, 40.0, 42.0, 45.0, 126.0, 130.0])
+    bt, _ = quantize_codes(x, grid, "bt")          # thresholds at 42.5 and 127.5
+    star, _ = quantize_codes(x, grid, "btstar", skew=3)  # moved down by 3 codes
+    assert bt.tolist() == [0, 0, 0, 85, 85, 170]
+    assert star.tolist() == [0, 85, 85, 85, 170, 170]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantization_error_is_at_most_half_a_step_inside_the_range(bits):
+    q = QLRQuantizer(bits)
+    torch.manual_seed(1)
+    x = torch.randn(4000)
+    out = q(x)
+    grid = make_grid(q.low, q.high, q.alpha.detach(), 2 ** bits - 1)
+    inside = (x >= grid.low) & (x <= grid.high)
+    assert inside.sum() > 100
+    err = (out - x).abs()[inside]
+    assert err.max() <= grid.scale / 2 + 1e-6
+    # and a value exactly on the grid comes back unchanged
+    on_grid = (torch.arange(2 ** bits) - grid.zero) * grid.scale
+    torch.testing.assert_close(q.eval()(on_grid), on_grid)
+
+
+def test_zero_is_exact_and_range_contains_zero():
+    q = QLRQuantizer(4)
+    x = torch.tensor([0.0, 0.5, 1.0, 3.0])  # non-negative: m_c = 0
+    out = q(x)
+    assert out[0] == 0
+    grid = make_grid(q.low, q.high, q.alpha.detach(), 15)
+    assert grid.low == 0 and grid.zero == 0
+
+
+def test_range_search_picks_the_error_minimising_alpha_plus_the_post_rule():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000), torch.tensor([300.0])])  # one outlier: small alpha wins
+
+    def error(alpha, bits):
+        grid = make_grid(x.min(), x.max(), torch.tensor(alpha), 2 ** bits - 1)
+        code, _ = quantize_codes(x, grid)
+        return ((code - grid.zero) * grid.scale - x).abs().mean().item()
+
+    q = QLRQuantizer(4)
+    q(x)
+    grid4 = [0.02 * k for k in range(1, 51)]
+    best = min(grid4, key=lambda a: error(a, 4))
+    assert best < 0.1  # so the official +0.1 applies
+    assert q.alpha.item() == pytest.approx(best + 0.1)
+    q2 = QLRQuantizer(2)
+    q2(x)
+    best2 = min([0.1 * k for k in range(1, 11)], key=lambda a: error(a, 2))
+    assert q2.alpha.item() == pytest.approx(best2 + (0.1 if best2 < 0.1 else 0.0))
+    assert q2.alpha.item() >= 0.1
+
+
+def test_btstar_post_rule_lifts_alpha_below_one_half():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000), torch.tensor([60.0])])
+    q = QLRQuantizer(2, truncation="btstar")
+    q(x)
+    assert 0.2 <= q.alpha.item() <= 1.0 + 1e-6
+
+
+def test_evaluation_reuses_the_last_training_range():
+    q = QLRQuantizer(4)
+    q(torch.linspace(-1, 1, 100))
+    alpha = q.alpha.item()
+    q.eval()
+    out = q(torch.tensor([5.0, -5.0, 0.3]))
+    assert q.low.item() == -1 and q.high.item() == 1   # not re-observed in eval
+    assert out[0].item() == pytest.approx(alpha * 1.0, abs=0.15)  # clipped at the old range
+    q.train()
+    q(torch.tensor([5.0, -5.0]))
+    assert q.high.item() == 5                          # training observes every call
+
+
+def test_skewness_matches_scipy():
+    torch.manual_seed(0)
+    x = torch.distributions.Gamma(0.3, 1.0).sample((3000,))
+    assert sample_skewness(x) == round(float(scipy.stats.skew(x.numpy())))
+    assert sample_skewness(torch.ones(10)) == 0
+
+
+# -- gradients -------------------------------------------------------------------------------
+def _fq(alpha_value, x, bits=4, truncation="none", alpha_grad="lsq", observe=(-1.0, 2.0),
+        ste="identity"):
+    """Fake-quantize ``x`` with a fixed observed range and a given alpha (no range search)."""
+    q = QLRQuantizer(bits, truncation=truncation, alpha_grad=alpha_grad, ste=ste).double()
+    q.low.fill_(observe[0]), q.high.fill_(observe[1])
+    q.observed.fill_(True), q.initialized.fill_(True)
+    q.eval()  # keep the fixed range
+    with torch.no_grad():
+        q.alpha.fill_(alpha_value)
+    return q, q(x)
+
+
+@pytest.mark.parametrize("truncation, bits", [("none", 4), ("none", 2), ("bt", 2)])
+def test_range_gradient_matches_finite_differences_on_clipped_values(truncation, bits):
+    # Clipped values are (q - z) s(alpha) with s proportional to alpha and z fixed: smooth.
+    x = torch.tensor([-3.0, -2.5, 0.3, 0.71, 4.0, 9.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, -2.0, 0.0, 0.0, 3.0, 0.5], dtype=torch.float64)  # clipped only
+    q, out = _fq(0.8, x, bits, truncation)
+    (out * weights).sum().backward()
+    eps = 1e-6
+    plus = (_fq(0.8 + eps, x, bits, truncation)[1] * weights).sum()
+    minus = (_fq(0.8 - eps, x, bits, truncation)[1] * weights).sum()
+    numeric = ((plus - minus) / (2 * eps)).item()
+    assert abs(numeric) > 0.5
+    assert q.alpha.grad.item() == pytest.approx(numeric, rel=1e-6)
+
+
+def test_range_gradient_inside_is_the_lsq_residual_and_code_form_differs():
+    x = torch.tensor([0.33, -0.41, 1.07], dtype=torch.float64)  # inside [-0.8, 1.6]
+    q, out = _fq(0.8, x)
+    out.sum().backward()
+    grid = make_grid(q.low, q.high, torch.tensor(0.8, dtype=torch.float64), 15)
+    v = x / grid.scale + grid.zero
+    expected = (grid.scale / 0.8 * (torch.round(v) - v)).sum().item()
+    assert q.alpha.grad.item() == pytest.approx(expected, rel=1e-9)
+    assert abs(expected) > 1e-3
+    # The official backward works on the output: its inside residual is float noise.
+    code_q, code_out = _fq(0.8, x, alpha_grad="code")
+    code_out.sum().backward()
+    assert abs(code_q.alpha.grad.item()) < 1e-9
+
+
+@pytest.mark.parametrize("ste, expected", [("masked", [0.0, 1.0, 1.0, 0.0]),
+                                           ("identity", [1.0, 1.0, 1.0, 1.0])])
+def test_input_gradient_is_straight_through_and_masked_where_clipped(ste, expected):
+    x = torch.tensor([-9.0, 0.3, 1.2, 9.0], dtype=torch.float64, requires_grad=True)
+    _, out = _fq(0.8, x, ste=ste)
+    out.sum().backward()
+    assert x.grad.tolist() == expected
+
+
+def test_code_form_sees_only_the_side_that_the_zero_point_rounding_pushed_out():
+    # Range [-0.8, 1.84], s = 0.176: -m_c/s = 4.55 rounds up to z = 5, so the lowest level
+    # -0.88 lies below m_c (flagged) while the highest, 1.76, lies inside (not flagged).
+    x = torch.tensor([-9.0, 0.3, 1.2, 9.0], dtype=torch.float64, requires_grad=True)
+    q, out = _fq(0.8, x, alpha_grad="code", observe=(-1.0, 2.3), ste="identity")
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0]
+    inside = out[1:].detach() / 0.176 + 5
+    expected = -0.8 + (torch.round(inside) - inside).sum().item()
+    assert q.alpha.grad.item() == pytest.approx(expected, abs=1e-9)
+    lsq, lsq_out = _fq(0.8, x.detach(), observe=(-1.0, 2.3))
+    lsq_out.sum().backward()
+    assert abs(lsq.alpha.grad.item() - q.alpha.grad.item()) > 0.5  # the two forms differ
+
+
+# -- SMP propagation -------------------------------------------------------------------------
+def test_lambda_zero_reproduces_pyg_appnp_exactly():
+    n = 30
+    edge_index = small_graph(n)
+    h = torch.randn(n, 5)
+    reference = APPNP(K=10, alpha=0.1)(h, edge_index)
+    appnp = SMPProp(10, alpha=0.1, propagation="appnp")(h, edge_index)
+    frozen = SMPProp(10, alpha=0.1, propagation="smp", multiplier_init=0.0,
+                     multiplier_lr=0.0)(h, edge_index)
+    torch.testing.assert_close(appnp, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(frozen, reference, atol=1e-6, rtol=1e-5)
+    # ...and the multiplier, when it moves, changes the result
+    moving = SMPProp(10, alpha=0.1, threshold=1.0, multiplier_lr=1e-3)(h, edge_index)
+    assert torch.isfinite(moving).all() and (moving - reference).abs().max() > 1e-3
+
+
+def test_incidence_gram_is_the_normalized_laplacian():
+    n = 25
+    edge_index = small_graph(n, edges=70, seed=3)
+    edge_index = torch.cat([edge_index, torch.tensor([[4], [4]])], dim=1)  # a self-loop
+    b = normalized_incidence(edge_index, n).to_dense()
+    _, laplacian = dense_operators(edge_index, n)
+    torch.testing.assert_close(b.T @ b, laplacian, atol=1e-6, rtol=1e-5)
+    assert b.size(0) == (to_undirected(edge_index)[0] > to_undirected(edge_index)[1]).sum()
+    delta = torch.randn(n, 4)
+    torch.testing.assert_close(change_energy(delta, normalized_incidence(edge_index, n)),
+                               torch.trace(delta.T @ laplacian @ delta), rtol=1e-5, atol=1e-5)
+
+
+def test_multiplier_rises_under_budget_and_falls_over_it():
+    lam, slack = torch.tensor(0.001), torch.tensor(0.001)
+    up, _ = multiplier_step(lam, slack, torch.tensor(2.0), budget=5.0,
+                            multiplier_lr=0.1, slack_lr=1e-5)
+    down, _ = multiplier_step(lam, slack, torch.tensor(8.0), budget=5.0,
+                              multiplier_lr=0.1, slack_lr=1e-5)
+    assert up.item() == pytest.approx(0.001 + 0.1 * (5.0 - 2.0 - (0.001 * (1 + 2e-8)) ** 2))
+    assert down.item() < 0.001 < up.item()
+    # slack: descent on -lambda s^2 grows it while lambda > 0
+    _, grown = multiplier_step(torch.tensor(0.5), slack, torch.tensor(0.0), 0.0, 0.0, 0.1)
+    assert grown.item() == pytest.approx(0.001 * (1 + 2 * 0.1 * 0.5))
+    # inside the propagation: a large budget drives lambda up at every step, none down
+    n = 30
+    edge_index, h = small_graph(n), torch.randn(n, 5)
+    generous = SMPProp(6, threshold=100.0)
+    generous(h, edge_index)
+    assert all(b > a for a, b in zip([1e-3] + generous.trace["multiplier"],
+                                     generous.trace["multiplier"]))
+    strict = SMPProp(6, threshold=0.0, multiplier_lr=1e-3)
+    strict(h, edge_index)
+    assert all(b < a for a, b in zip([1e-3] + strict.trace["multiplier"],
+                                     strict.trace["multiplier"]))
+
+
+@pytest.mark.parametrize("correction, exact", [("laplacian", True), ("adjacency", False)])
+def test_laplacian_correction_is_the_exact_lagrangian_gradient(correction, exact):
+    """X_{k+1} = X~ - eta * d/dX [lambda (c - s^2 - g(X - X_k))] at X = X~ (descent in X)."""
+    n = 20
+    edge_index = small_graph(n, edges=60, seed=5)
+    h = torch.randn(n, 3)
+    prop = SMPProp(1, alpha=0.1, correction=correction, multiplier_init=0.7, multiplier_lr=0.0)
+    out = prop(h, edge_index)
+    adj, _ = dense_operators(edge_index, n)
+    x_tilde = 0.9 * adj @ h + 0.1 * h
+    x = x_tilde.clone().requires_grad_(True)
+    incidence = normalized_incidence(edge_index, n)
+    lagrangian_term = 0.7 * (5.0 - 0.001 ** 2 - change_energy(x - h, incidence))
+    (grad,) = torch.autograd.grad(lagrangian_term, x)
+    expected = x_tilde - 0.1 * grad
+    assert torch.allclose(out, expected, atol=1e-5) == exact
+    assert (out - x_tilde).abs().max() > 1e-3
+
+
+def test_gradients_flow_through_the_multiplier():
+    n = 20
+    edge_index, h = small_graph(n), torch.randn(n, 3, requires_grad=True)
+    prop = SMPProp(4, threshold=1.0, multiplier_lr=1e-2)
+    prop(h, edge_index).sum().backward()
+    with_mult = h.grad.clone()
+    h.grad = None
+    detached = SMPProp(4, propagation="appnp")
+    detached(h, edge_index).sum().backward()
+    assert not torch.allclose(with_mult, h.grad)
+
+
+def test_smp_runs_sparse_on_a_one_million_edge_graph(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("dense matrix materialised")
+    monkeypatch.setattr(torch.Tensor, "to_dense", refuse)
+
+    torch.manual_seed(0)
+    n, e, f, c = 100_000, 1_000_000, 8, 3
+    task = Task("big", "node", f, c, "acc", split=None,
+                graph=Data(x=torch.rand(n, f), edge_index=torch.randint(0, n, (2, e)),
+                           y=torch.zeros(n, dtype=torch.long)))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    model = build_model(ModelConfig(name="smp", hidden=8, steps=3), task,
+                        smoothness(task, bits=4))
+    out = model(task.graph.x, task.graph.edge_index)
+    assert out.shape == (n, c) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert model.lin1.weight.grad is not None
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
+    # A dense 100k x 100k float matrix is 37 GiB; the sparse model needs well under 2.
+    assert grown_gib < 2.0
+
+
+# -- the model and the factory -----------------------------------------------------------------
+def test_fp32_smp_is_mlp_then_appnp():
+    task = node_task()
+    model = build_model(ModelConfig(name="smp", hidden=8, dropout=0.0, propagation="appnp"),
+                        task).eval()
+    x, edge_index = task.graph.x, task.graph.edge_index
+    h = model.lin2(torch.relu(model.lin1(x)))
+    torch.testing.assert_close(model(x, edge_index), APPNP(10, 0.1)(h, edge_index),
+                               atol=1e-6, rtol=1e-5)
+    assert len(model.prop.gap) == 0
+
+
+def test_every_stage_of_smp_has_its_own_quantizer():
+    task = node_task()
+    model = build_model(ModelConfig(name="smp", hidden=8, steps=3), task,
+                        smoothness(task, bits=4))
+    model(task.graph.x, task.graph.edge_index)
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, QLRQuantizer)}
+    expected = {f"lin{i}.q.{r}" for i in (1, 2) for r in ("input", "weight", "feature")}
+    expected |= {f"prop.{kind}.{k}.{r}" for kind in ("base", "gap") for k in range(3)
+                 for r in ("message", "aggregate", "update")}
+    assert set(quantizers) == expected
+    assert all(q.bit_cost() is not None for q in quantizers.values())
+    assert len({id(q.alpha) for q in quantizers.values()}) == len(expected)
+    messages = quantizers["prop.base.0.message"].bit_cost()
+    edges_with_loops = gcn_norm(task.graph.edge_index, 30)[0].size(1)
+    assert messages.elements == edges_with_loops * 3
+    assert not quantizers["lin1.q.weight"].counts_in_average
+    assert average_bits(model) == 4.0 and compression_ratio(model) == pytest.approx(8.0)
+
+
+def test_shared_prop_alpha_is_one_parameter_per_role_and_per_model():
+    task = node_task()
+    factory = smoothness(task, bits=4, share_prop_alpha=True)
+    first = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
+    second = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
+    for model in (first, second):
+        alphas = {role: {id(getattr(q, role).alpha) for q in [*model.prop.base, *model.prop.gap]}
+                  for role in ("message", "aggregate", "update")}
+        assert all(len(ids) == 1 for ids in alphas.values())
+    assert first.prop.base[0].message.alpha is not second.prop.base[0].message.alpha
+    groups = build_strategy(StrategyConfig()).param_groups(first, TrainerConfig())
+    params = [id(p) for g in groups for p in g["params"]]
+    assert len(params) == len(set(params)) == len(list(first.parameters()))
+    torch.optim.Adam(groups)  # no parameter in two groups
+
+
+@pytest.mark.parametrize("name", ["gcn", "gin", "gat"])
+def test_the_same_quantizer_works_with_gcn_gin_gat(name):
+    task = node_task()
+    model = build_model(ModelConfig(name=name, hidden=8, heads=2), task,
+                        smoothness(task, bits=2, truncation="btstar"))
+    out = model(task.graph.x, task.graph.edge_index)
+    out.sum().backward()
+    quantizers = [m for m in model.modules() if isinstance(m, QLRQuantizer)]
+    roles = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, QLRQuantizer)}
+    assert {"input", "message", "aggregate", "update"} <= roles
+    assert all(q.bit_cost() is not None for q in quantizers)  # every one saw its tensor
+    assert all(q.alpha.grad is not None for q in quantizers)
+    assert average_bits(model) == 2.0 and compression_ratio(model) == pytest.approx(16.0)
+
+
+def test_alpha_gets_its_own_learning_rate_and_weight_decay():
+    task = node_task()
+    model = build_model(ModelConfig(name="smp", hidden=8, steps=2), task,
+                        smoothness(task, lr=3e-4, weight_decay=5e-5))
+    groups = build_strategy(StrategyConfig()).param_groups(
+        model, TrainerConfig(lr=0.01, weight_decay=1e-5))
+    alpha_groups = [g for g in groups if g.get("lr") == 3e-4]
+    assert len(alpha_groups) == 6 + 2 * 2 * 3
+    assert all(g["weight_decay"] == 5e-5 for g in alpha_groups)
+    assert groups[0]["weight_decay"] == 1e-5
+
+
+@pytest.mark.parametrize("quant, fragments", [
+    ({"bits": 3}, ["quant.bits", "2, 4, 8"]),
+    ({"bits": 4, "truncation": "bt"}, ["quant.truncation", "quant.bits=2"]),
+    ({"truncation": "bt*"}, ["bt*", "btstar", "none"]),
+    ({"alpha_grad": "ste"}, ["ste", "code", "lsq"]),
+    ({"ste": "clipped"}, ["quant.ste", "identity", "masked"]),
+    ({"bitz": 4}, ["quant.bitz", "truncation", "alpha_grad"]),
+])
+def test_bad_options_name_the_key_and_the_valid_choices(quant, fragments):
+    with pytest.raises(GnnqError) as err:
+        smoothness(**quant)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("propagation", "emp"), ("correction", "diag"),
+                                          ("steps", -1), ("alpha", 0.0)])
+def test_bad_model_options_are_refused(field, value):
+    with pytest.raises(GnnqError, match=f"model.{field}"):
+        ModelConfig(name="smp", **{field: value})
+
+
+def test_smp_is_node_level_only():
+    graph_task = Task("g", "graph", 4, 2, "acc", split=None, graphs=[])
+    with pytest.raises(GnnqError, match="smp"):
+        build_model(ModelConfig(name="smp"), graph_task)
+
+
+def test_smp_learns_a_planted_partition_at_two_bits():
+    from torch_geometric.utils import stochastic_blockmodel_graph
+    torch.manual_seed(0)
+    y = torch.arange(3).repeat_interleave(60)
+    edge_index = stochastic_blockmodel_graph([60, 60, 60], [[0.08 if a == b else 0.005
+                                                             for b in range(3)] for a in range(3)])
+    x = 0.8 * torch.nn.functional.one_hot(y, 3).float() @ torch.randn(3, 12) + torch.randn(180, 12)
+    task = Task("sbm", "node", 12, 3, "acc", split=None, graph=Data(x=x, edge_index=edge_index, y=y))
+    model = build_model(ModelConfig(name="smp", hidden=16, dropout=0.2, steps=5), task,
+                        smoothness(task, bits=2, truncation="btstar"))
+    groups = build_strategy(StrategyConfig()).param_groups(model, TrainerConfig(weight_decay=0))
+    optimizer = torch.optim.Adam(groups, lr=0.02)
+    train = torch.rand(180) < 0.3
+    for _ in range(60):
+        model.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, edge_index)[train], y[train]).backward()
+        optimizer.step()
+    pred = model.eval()(x, edge_index).argmax(-1)
+    assert (pred[~train] == y[~train]).float().mean() > 0.8
