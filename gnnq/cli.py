@@ -112,11 +112,27 @@ def _report(args: list[str]) -> int:
     return report_main(args)
 
 
+def _export(args: list[str]) -> int:
+    from gnnq.export import main as export_main
+
+    return export_main(args)
+
+
+def _bench(args: list[str]) -> int:
+    from gnnq.bench import main as bench_main
+
+    return bench_main(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train and evaluate a configuration; Hydra overrides follow "
               "(gnnq train --help lists the config groups)", _train),
     "report": ("Markdown table + PNG plot of finished runs from an MLflow store, grouped by "
                "dataset/model/method/bits (gnnq report --help)", _report),
+    "export": ("pack a trained quantized model (checkpoint, output folder or MLflow run id) "
+               "into a .safetensors integer model and verify it (gnnq export --help)", _export),
+    "bench": ("packed INT8/INT4/INT2/mixed aggregation and GCN inference vs FP32; Hydra "
+              "overrides of conf/bench/<preset>.yaml follow (gnnq bench --help)", _bench),
 }
 
 USAGE = """usage: gnnq <command> [arguments]
@@ -132,6 +148,8 @@ examples:
   gnnq train +experiment=fp32_gat_cora
   gnnq train --cfg job dataset=citeseer
   gnnq report --experiment gnnq --out results/my_comparison
+  gnnq export outputs/a2q_gcn_cora/runs/<time>_cora_gcn/checkpoints/run0.pt
+  gnnq bench bench=cpu graphs=[coauthor_physics@128] precisions=[fp32,int4,int2]
 """
 
 

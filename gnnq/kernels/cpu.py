@@ -1,0 +1,102 @@
+"""The CPU kernels: a C++ extension (OpenMP) built on first use and cached.
+
+``load()`` compiles ``csrc/packed_cpu.cpp`` with :func:`torch.utils.cpp_extension.load`
+(``-O3 -fopenmp``, no ``-march``: the source carries an AVX2+FMA and a portable variant and
+picks one at run time) into ``$GNNQ_CACHE/kernels`` (default ``~/.cache/gnnq/kernels``).
+The module name carries a hash of the sources, so an edited kernel builds afresh and
+several versions can share one cache; concurrent first uses wait on PyTorch's build lock.
+The first build takes about half a minute; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+from gnnq.errors import GnnqError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("packed_cpu.cpp", "packed_cpu_base.cpp", "packed_cpu_avx2.cpp")
+HEADERS = ("packed_bind.h", "packed_cpu.h", "packed_cpu_kernels.h")
+CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$GNNQ_CACHE/kernels`` or ``~/.cache/gnnq/kernels``."""
+    root = os.environ.get("GNNQ_CACHE")
+    base = Path(root).expanduser() if root else Path("~/.cache/gnnq").expanduser()
+    return (base / "kernels").absolute()
+
+
+def source_hash(names: tuple[str, ...], flags: tuple[str, ...] = ()) -> str:
+    """Hash of the named ``csrc/`` files and compiler flags: part of the module name."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(flags).encode())
+    return digest.hexdigest()[:12]
+
+
+def build_extension(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...],
+                    what: str, verbose: bool, **load_kwargs) -> ModuleType:
+    """Build (or load the cached build of) ``sources`` as the module
+    ``<prefix>_<source hash>`` under :func:`cache_dir`; ``what`` names it in errors."""
+    from torch.utils import cpp_extension
+
+    flags = tuple(str(v) for v in load_kwargs.values())
+    name = f"{prefix}_{source_hash((*sources, *headers), flags)}"
+    build = cache_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources],
+                                  extra_include_paths=[str(CSRC)], build_directory=str(build),
+                                  verbose=verbose, **load_kwargs)
+    except (RuntimeError, OSError, ImportError) as err:
+        message = str(err).strip()
+        raise GnnqError(f"Building {what} in {build} failed: "
+                        f"{message.splitlines()[-1] if message else err}. "
+                        f"Run with GNNQ_KERNEL_VERBOSE=1 to see the compiler output; "
+                        f"ninja and a C++17 compiler are required.") from err
+
+
+def load(verbose: bool = False) -> ModuleType:
+    """The compiled CPU extension (built on the first call of the process if not cached)."""
+    global _module
+    with _lock:
+        if _module is not None:
+            return _module
+        missing = [n for n in (*SOURCES, *HEADERS) if not (CSRC / n).is_file()]
+        if missing:
+            raise GnnqError(f"The CPU kernel sources {', '.join(missing)} are missing from "
+                            f"{CSRC}. Reinstall gnnq (its package data includes csrc/).")
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise GnnqError("Building gnnq's CPU kernels needs a C++ compiler (c++ / g++ on "
+                            "PATH, or $CXX); none was found. Install g++ (Debian/Ubuntu: "
+                            "apt-get install g++).")
+        _module = build_extension("gnnq_packed_cpu", SOURCES, HEADERS, "gnnq's CPU kernels",
+                                  verbose, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
+        log.debug("gnnq CPU kernels loaded (instruction set %s)", _module.isa())
+        return _module
+
+
+def available() -> bool:
+    """Whether the CPU kernels load (builds them if needed); never raises."""
+    try:
+        load(verbose=bool(os.environ.get("GNNQ_KERNEL_VERBOSE")))
+        return True
+    except GnnqError as err:
+        log.warning("%s", err)
+        return False
