@@ -25,9 +25,11 @@ exporting a wrong model.
 
 **Architectures.** Packers are registered per model class (:func:`register_packer`); node-level
 GCN is packed today. Per-edge ``message`` quantizers (Degree-Quant, smoothness-aware) requantize
-every edge's product ``w_ij h_j``, which a packed SpMM over node features does not compute:
-such models are refused unless ``--drop-role message`` is given, in which case those
-quantizers are left out (an approximation) and the verification reports how much that costs.
+every edge's product ``w_ij h_j``: the packed layer keeps that grid and computes those layers'
+aggregation edge by edge, summing message codes as integers
+(:meth:`~gnnq.kernels.model.PackedGCNLayer.message_aggregate`), which the packed SpMM kernels
+do not do. ``--drop-role message`` leaves those quantizers out instead, so the layer runs on
+the fast kernels as an approximation whose cost the verification reports.
 """
 
 from __future__ import annotations
@@ -221,11 +223,6 @@ def pack_gcn(model: nn.Module, edge_index: Tensor, num_nodes: int,
     for k, conv in enumerate(model.convs):
         lin_roles = {r: q for r, q in conv.lin.q.by_role.items() if r not in drop_roles}
         conv_roles = {r: q for r, q in conv.q.by_role.items() if r not in drop_roles}
-        if "message" in conv_roles:
-            raise GnnqError(f"Layer {k} quantizes per-edge messages (w_ij h_j, requantized "
-                            f"edge by edge); a packed SpMM aggregates node features, so the "
-                            f"model cannot be packed exactly. '--drop-role message' packs it "
-                            f"without those quantizers and reports the agreement that costs.")
         if "weight" not in lin_roles:
             raise GnnqError(f"Layer {k}'s weights are not quantized (an FP32 model): there is "
                             f"nothing to pack. Export a model trained with +quant=...")
@@ -248,7 +245,8 @@ def pack_gcn(model: nn.Module, edge_index: Tensor, num_nodes: int,
                             f"its export adapter does not match the quantizer.")
         grids: dict[str, Optional[Grid]] = {}
         for role, owner, prefix in (("input", lin_roles, "lin.q"), ("feature", lin_roles, "lin.q"),
-                                    ("aggregate", conv_roles, "q"), ("update", conv_roles, "q")):
+                                    ("message", conv_roles, "q"), ("aggregate", conv_roles, "q"),
+                                    ("update", conv_roles, "q")):
             if role in owner:
                 name = f"convs.{k}.{prefix}.{role}"
                 seen = capture.seen.get(id(owner[role]))
@@ -257,6 +255,9 @@ def pack_gcn(model: nn.Module, edge_index: Tensor, num_nodes: int,
                     raise GnnqError(f"{name}: a per-{grids[role].axis} grid must use one "
                                     f"bitwidth (codes are packed along the features).")
                 _check_activation(grids[role], owner[role], capture, name, mismatches)
+        if grids.get("message") is not None and grids["message"].axis == "row":
+            raise GnnqError(f"convs.{k}.q.message: a per-row grid of the messages would be one "
+                            f"per edge; expected one per tensor or per channel.")
         if grids.get("input") is not None and grids["input"].axis == "column":
             raise GnnqError(f"convs.{k}.lin.q.input: a per-channel input grid cannot be "
                             f"factored out of the dense transform; expected per node or tensor.")
@@ -485,9 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running the packed model after export")
     parser.add_argument("--drop-role", action="append", default=[], choices=("message",),
-                        help="leave this role's quantizers out (an approximation: per-edge "
-                             "message quantizers cannot be packed exactly); the verification "
-                             "reports the agreement it costs")
+                        help="leave this role's quantizers out (an approximation that runs "
+                             "on the packed SpMM kernels instead of edge by edge); the "
+                             "verification reports the agreement it costs")
     return parser
 
 

@@ -264,8 +264,8 @@ def test_cli_bench_bad_options(tmp_path, args, fragments):
 ])
 def test_other_methods_grids_reproduce_their_quantizers(method, quant):
     """The Degree-Quant and smoothness-aware adapters give grids that reproduce every weight
-    and activation of the model bit for bit; only their per-edge message quantizers cannot be
-    packed, so they are refused unless dropped."""
+    and activation of the model bit for bit, the per-edge message quantizers included, and the
+    packed model predicts what the fake-quantized one does."""
     pytest.importorskip(f"gnnq.quant.{method}")
     from gnnq.config import DataRootConfig, DatasetConfig, ModelConfig
     from gnnq.data import load_task
@@ -289,12 +289,18 @@ def test_other_methods_grids_reproduce_their_quantizers(method, quant):
         fake = model(g.x, g.edge_index)
     for h in handles:
         h.remove()
-    with pytest.raises(GnnqError, match="per-edge messages"):
-        pack_model(model, g.edge_index, g.num_nodes, capture)
-    packed, mismatches = pack_model(model, g.edge_index, g.num_nodes, capture,
-                                    drop_roles=("message",))
+    packed, mismatches = pack_model(model, g.edge_index, g.num_nodes, capture)
+    assert any("message" in where for where in mismatches), mismatches
     assert mismatches and not any(mismatches.values()), mismatches
-    logits = packed.forward(g.x, get_backend("reference"))
+    for name in ("reference", "cpu"):
+        logits = packed.forward(g.x, get_backend(name))
+        # Per-edge requantization is reproduced; float summation order can move a value
+        # that sits on a rounding boundary of a later grid by one step, rarely.
+        assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) >= 0.995, name
+        assert float((logits - fake).abs().gt(1e-4).float().mean()) < 0.01, name
+    approx, _ = pack_model(model, g.edge_index, g.num_nodes, capture, drop_roles=("message",))
+    assert all(layer.message is None for layer in approx.layers)
+    logits = approx.forward(g.x, get_backend("reference"))
     assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) > 0.8
 
 

@@ -24,15 +24,16 @@ name                              dtype    meaning
 ``layers.K.bias``                 float32  ``[out]`` (if the layer has a bias)
 ================================  =======  =====================================================
 
-``ROLE`` is ``weight`` and any of ``input``, ``feature``, ``aggregate``, ``update`` the model
-quantizes (:mod:`gnnq.kernels.model`). The JSON header::
+``ROLE`` is ``weight`` and any of ``input``, ``feature``, ``message`` (per tensor or channel,
+applied to every edge's product), ``aggregate``, ``update`` the model quantizes
+(:mod:`gnnq.kernels.model`). The JSON header::
 
     {"format": "gnnq-packed", "version": 1, "gnnq_version": "...",
      "model": {"architecture": "gcn", "level": "node", "num_nodes": N,
                "in_features": F, "out_features": C,
                "layers": [{"in_features": .., "out_features": .., "relu": true|false,
                            "bias": true|false,
-                           "weight"|"input"|"feature"|"aggregate"|"update":
+                           "weight"|"input"|"feature"|"message"|"aggregate"|"update":
                                null | {"axis": "row"|"column"|"tensor",
                                        "rounding": "half_away"|"half_even",
                                        "groups": G, "bits": [distinct bitwidths]}}]},
@@ -284,7 +285,8 @@ def _build(r: _Reader, header: dict, tensors: dict[str, Tensor]) -> PackedModel:
                         (fout, words_per_row(fin, wgrid.uniform_bits)))
         grids = {}
         for role, groups in (("input", (1, n)), ("feature", (1, fout, n)),
-                             ("aggregate", (1, fout, n)), ("update", (1, fout, n))):
+                             ("message", (1, fout)), ("aggregate", (1, fout, n)),
+                             ("update", (1, fout, n))):
             if meta.get(role) is not None:
                 grids[role] = _grid(r, tensors, f"layers.{k}.{role}", meta[role], groups)
         if "input" in grids and grids["input"].axis == "column":

@@ -26,7 +26,9 @@ from torch import Tensor
 from gnnq.kernels.grid import Grid
 from gnnq.kernels.packing import PackedRows, layout, unpack
 
-ROLES = ("input", "weight", "feature", "aggregate", "update")
+ROLES = ("input", "weight", "feature", "message", "aggregate", "update")
+# Edges per chunk of the per-edge message requantization (bounds its [edges, F] buffers).
+MESSAGE_CHUNK = 1 << 18
 
 
 @dataclass
@@ -103,6 +105,7 @@ class PackedGCNLayer:
     weight: Grid                        # one group per output channel (or one)
     input: Optional[Grid] = None        # row (node) or tensor grid
     feature: Optional[Grid] = None      # column (channel), tensor or row grid
+    message: Optional[Grid] = None      # column or tensor grid, applied to every edge
     aggregate: Optional[Grid] = None
     update: Optional[Grid] = None
     bias: Optional[Tensor] = None
@@ -136,13 +139,38 @@ class PackedGCNLayer:
         packed = backend.quantize_pack(h, self.input, lay)
         return backend.linear(packed, self.input, self.weight_words, self.weight)
 
+    def message_aggregate(self, y: Tensor, graph: PackedGraph) -> Tensor:
+        """``sum_j Q_message(d_i^{-1/2} d_j^{-1/2} h_j)`` with ``h = Q_feature(y)``: every
+        edge's product is requantized on the message grid (what Degree-Quant and the
+        smoothness-aware quantizer train with), the codes are summed as integers per
+        destination, and one scale turns each sum into a value. Runs as PyTorch ops on any
+        device (no packed kernel computes per-edge requantization)."""
+        grid, dev = self.message, y.device
+        h = _requantize(y, self.feature)
+        rowptr, col = graph.rowptr.to(dev), graph.col.to(dev).long()
+        dinv = graph.deg_inv_sqrt.to(dev)
+        n = rowptr.numel() - 1
+        dst = torch.repeat_interleave(torch.arange(n, device=dev), rowptr[1:] - rowptr[:-1])
+        g = Grid(grid.axis, grid.bits, grid.scale.to(dev), grid.zero_point.to(dev),
+                 grid.umin.to(dev), grid.umax.to(dev), grid.rounding)
+        zero = g.zero_point.to(torch.int64).view(1, -1)
+        sums = torch.zeros(n, h.size(1), dtype=torch.int64, device=dev)
+        for start in range(0, col.numel(), MESSAGE_CHUNK):
+            j, i = col[start:start + MESSAGE_CHUNK], dst[start:start + MESSAGE_CHUNK]
+            # The same float32 product as the fake-quantized layer: (d_j^-1/2 d_i^-1/2) h_j.
+            m = (dinv[j] * dinv[i]).view(-1, 1) * h[j]
+            sums.index_add_(0, i, g.quantize(m).to(torch.int64) - zero)
+        return (sums.to(torch.float64) * g.scale.to(torch.float64).view(1, -1)).to(torch.float32)
+
     def aggregate_step(self, y: Tensor, graph: PackedGraph, backend) -> Tensor:
         """``Ĝ Q_feature(H) + b`` with the layer's requantizers and ReLU."""
-        fuse = self.aggregate is None and self.update is None
+        fuse = self.aggregate is None and self.update is None and self.message is None
         bias = self.bias if fuse else None
         relu = self.relu and fuse
         dinv = graph.deg_inv_sqrt
-        if self.feature is None:
+        if self.message is not None:
+            out = self.message_aggregate(y, graph)
+        elif self.feature is None:
             out = backend.spmm_f32(graph.rowptr, graph.col, y, src_scale=dinv, dst_scale=dinv,
                                    bias=bias, relu=relu)
         else:
