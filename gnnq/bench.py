@@ -690,6 +690,29 @@ def _fmt(v: Optional[float], spec: str = ".2f") -> str:
     return "–" if v is None or v != v else format(v, spec)
 
 
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """Speedup over FP32 torch.sparse CSR of every packed precision, per graph, width and
+    measurement: the numbers the detailed tables below back up."""
+    precisions: list[str] = []
+    rows = []
+    for gres in results["graphs"]:
+        for run in gres["runs"]:
+            speedups = {r["precision"]: r["speedup_vs_torch_csr"] for r in run["methods"]
+                        if r["kind"] == "packed" and not r["skipped"]}
+            precisions += [p for p in speedups if p not in precisions]
+            what = "aggregation" if run["what"] == "aggregation" else "2-layer GCN"
+            rows.append((gres["graph"], run["F"], what, speedups))
+    if not rows:
+        return []
+    lines = ["## Summary: speedup over FP32 torch.sparse CSR (median times)", "",
+             "| graph | F | measured | " + " | ".join(p.upper() for p in precisions) + " |",
+             "|---|---:|---|" + "---:|" * len(precisions)]
+    for graph, F, what, speedups in rows:
+        cells = [f"{_fmt(speedups.get(p))}x" if p in speedups else "–" for p in precisions]
+        lines.append(f"| {graph} | {F} | {what} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     cfg, info = results["config"], results["machine"]
     lines = [f"# gnnq bench: packed aggregation and GCN inference ({device_slug(info)})", "",
@@ -713,6 +736,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                   f"{info['cpu_count']} cores when the run started (other jobs were running), "
                   f"so absolute times are inflated and noisy; ratios come from interleaved "
                   f"repetitions.", ""]
+    lines += summary_table(results)
     for gres in results["graphs"]:
         lines += [f"## {gres['graph']}: {gres['nodes']:,} nodes, {gres['edges']:,} edges "
                   f"(max degree {gres['max_degree']:,})", "", f"{gres['source']}.", ""]
