@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from gnnq.train.metrics import mean_std
 
@@ -45,16 +45,17 @@ def launch(folder: Path, overrides: Sequence[str], shards: int = 1,
     return jobs
 
 
-def run_all(jobs: Iterable[tuple[Path, Sequence[str], int]], parallel: int = 1) -> None:
-    """Run ``(folder, overrides, shards)`` jobs, up to ``parallel`` processes at a time;
-    a folder that already has its summaries is skipped (delete it to rerun)."""
+def run_all(jobs: Iterable[tuple], parallel: int = 1) -> None:
+    """Run ``(folder, overrides, shards[, runs])`` jobs (10 runs unless given), up to
+    ``parallel`` processes at a time; a folder that already has its summaries is skipped
+    (delete it to rerun)."""
     pending = [job for job in jobs if not summaries(job[0])]
     running: list[subprocess.Popen] = []
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
-            folder, overrides, shards = pending.pop(0)
-            running += launch(folder, overrides, shards)
+            folder, overrides, shards, *runs = pending.pop(0)
+            running += launch(folder, overrides, shards, *runs)
         finished = running.pop(0)
         if finished.wait() != 0:
             failed.append(" ".join(finished.args[1:]))
@@ -77,6 +78,16 @@ def fmt(runs: list[dict], key: str, digits: int = 2) -> str:
         return "–"
     mean, std = mean_std(r[key] for r in runs)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def pooled(folder: Path) -> Optional[dict]:
+    """The job's summaries as one: ``runs`` pooled over shards, the first shard's other keys,
+    ``seconds`` summed; None if nothing has finished."""
+    parts = summaries(folder)
+    if not parts:
+        return None
+    return {**parts[0], "runs": [r for p in parts for r in p["runs"]],
+            "seconds": sum(p["seconds"] for p in parts)}
 
 
 def machine(folders: Iterable[Path]) -> str:
