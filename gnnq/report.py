@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -193,7 +194,7 @@ def main(args: list[str]) -> int:
                         f"tags: {options.tag or 'none'}).")
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "gnnq report " + " ".join(args)
+    command = shlex.join(["gnnq", "report", *args])
     out.with_suffix(".md").write_text(markdown(groups, options.title, command))
     plot(groups, out.with_suffix(".png"), options.title)
     print(f"gnnq: {len(groups)} rows from {sum(g.jobs for g in groups)} jobs -> "

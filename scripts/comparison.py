@@ -87,18 +87,18 @@ def checks() -> str:
 
 
 def report() -> None:
-    out = RESULTS / "comparison"
-    subprocess.run([*gnnq_command(), "report", "--uri", STORE, "--experiment", "comparison",
-                    "--out", str(out), "--title",
+    """`gnnq report` over the comparison's store (paths relative to the repository, so the
+    command the report prints is the one to type), then the checks and the notes."""
+    store = STORE.replace(f"{ROOT}/", "")
+    subprocess.run([*gnnq_command(), "report", "--uri", store, "--experiment", "comparison",
+                    "--out", "results/comparison", "--title",
                     "FP32, Degree-Quant, A²Q and smoothness-aware QLR under one protocol"],
                    cwd=ROOT, check=True)
-    md = out.with_suffix(".md")
-    text = md.read_text()
+    md = RESULTS / "comparison.md"
+    text = md.read_text() + "\n" + checks() + "\n"
+    text += ("\nThe jobs behind this table: `python scripts/comparison.py` (it runs the missing "
+             "ones, then the command above).\n")
     notes = RESULTS / "comparison_notes.md"
-    text += "\n" + checks() + "\n"
-    text += ("\nRegenerate: `python scripts/comparison.py` (runs every missing job, then "
-             f"`gnnq report --uri {STORE.replace(str(ROOT) + '/', '')} --experiment comparison "
-             "--out results/comparison`).\n")
     if notes.exists():
         text += "\n" + notes.read_text()
     md.write_text(text)
