@@ -347,10 +347,11 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
-           data_root: Optional[str] = None, tracking_uri: Optional[str] = None,
-           backend: str = "auto", verify: bool = True,
-           drop_roles: tuple[str, ...] = ()) -> ExportResult:
+def model_from_checkpoint(checkpoint: dict[str, Any], path: Path,
+                          data_root: Optional[str] = None):
+    """``(model, task, config)``: the model a gnnq checkpoint describes, rebuilt from its own
+    config on its dataset (``data_root``, else the checkpoint's folder if it exists here, else
+    ``$GNNQ_DATA`` / ``./data``), with the checkpoint's weights, in eval mode."""
     from omegaconf import OmegaConf
 
     from gnnq.config import TrainConfig
@@ -358,9 +359,6 @@ def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
     from gnnq.models import build_model
     from gnnq.quant import build_quantizers
 
-    with tempfile.TemporaryDirectory(prefix="gnnq-export-") as tmp:
-        path, provenance = resolve_checkpoint(source, run, tracking_uri, Path(tmp))
-        checkpoint = load_checkpoint(path)
     try:
         config: TrainConfig = OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(TrainConfig), checkpoint["config"]))
@@ -371,8 +369,6 @@ def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
     elif not Path(config.data.root).expanduser().is_dir():
         config.data.root = "data"  # the training machine's folder: use $GNNQ_DATA / ./data
     task = load_task(config.data, config.dataset)
-    if task.level != "node":
-        raise GnnqError(f"gnnq export packs node-level models; {task.name!r} is graph-level.")
     quantizers = build_quantizers(config.quant, task)
     model = build_model(config.model, task, quantizers)
     state = checkpoint["state_dict"]
@@ -397,6 +393,19 @@ def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
         raise GnnqError(f"{path}: its weights do not fit the model its config describes "
                         f"({' '.join(str(err).split())[:500]}).") from None
     model.eval()
+    return model, task, config
+
+
+def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
+           data_root: Optional[str] = None, tracking_uri: Optional[str] = None,
+           backend: str = "auto", verify: bool = True,
+           drop_roles: tuple[str, ...] = ()) -> ExportResult:
+    with tempfile.TemporaryDirectory(prefix="gnnq-export-") as tmp:
+        path, provenance = resolve_checkpoint(source, run, tracking_uri, Path(tmp))
+        checkpoint = load_checkpoint(path)
+    model, task, config = model_from_checkpoint(checkpoint, path, data_root)
+    if task.level != "node":
+        raise GnnqError(f"gnnq export packs node-level models; {task.name!r} is graph-level.")
     graph = task.graph
     capture = Capture()
     handles = [m.register_forward_hook(capture.hook) for name, m in model.named_modules()
