@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("packed_cpu.cpp", "packed_cpu_base.cpp", "packed_cpu_avx2.cpp")
-HEADERS = ("packed_bind.h", "packed_cpu.h", "packed_cpu_kernels.h")
+HEADERS = ("packed_bind.h", "packed_layout.h", "packed_cpu.h", "packed_cpu_kernels.h")
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
 

@@ -26,7 +26,7 @@ from gnnq.kernels.cpu import CSRC, build_extension
 log = logging.getLogger(__name__)
 
 CUDA_SOURCES = ("packed_cuda_bind.cpp", "packed_cuda.cu")
-CUDA_HEADERS = ("packed_bind.h", "packed_cuda.h")
+CUDA_HEADERS = ("packed_bind.h", "packed_layout.h", "packed_cuda.h")
 NVCC_FLAGS = ["-O3", "-std=c++17"]  # no --use_fast_math: IEEE division and rounding
 #: Architectures the suite compiles for: Ampere (A100) and Hopper (H100/H200).
 TEST_ARCHS = ("80", "90")

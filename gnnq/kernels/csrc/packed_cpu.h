@@ -4,22 +4,14 @@
 
 #include <cstdint>
 
+#include "packed_layout.h"
+
 namespace gnnq_cpu {
 
-constexpr int MAX_GROUPS = 8;
+constexpr int MAX_GROUPS = gnnq_layout::MAX_GROUPS;
 
-// A packed tensor (gnnq/kernels/packing.py): rows of F b-bit codes, W = ceil(F / P) 32-bit
-// words per row, P = 32 / b codes per word, code k of a word at bits [k b, k b + b). Rows are
-// grouped by bitwidth: group g holds rows row_start[g] .. row_start[g+1] (grouped numbering)
-// at bits[g]; its words start at word_start[g] of `words`.
-struct PackedView {
-  const uint32_t* words = nullptr;
-  int groups = 1;
-  int bits[MAX_GROUPS] = {0};
-  int64_t row_start[MAX_GROUPS + 1] = {0};
-  int64_t word_start[MAX_GROUPS] = {0};
-  int64_t width[MAX_GROUPS] = {0};  // words per row
-};
+// A packed tensor to read (gnnq_layout::Groups).
+using PackedView = gnnq_layout::Groups<const uint32_t>;
 
 // out[i, c] = dst[i] * cs[c] * (sum_j a_j u[j, c] - sum_j a_j z_j - cz[c] sum_j a_j) + bias[c]
 // over the CSR row i (source rows j in grouped numbering); a_j = src_scale[j] (1 if null),

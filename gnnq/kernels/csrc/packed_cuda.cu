@@ -33,19 +33,13 @@ namespace {
 constexpr int WARPS_PER_BLOCK = 4;
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
-__device__ __forceinline__ int find_group(const Packed& X, int64_t j) {
+// The bit group of grouped row j (of a Packed source or a PackTarget).
+template <typename Layout>
+__device__ __forceinline__ int find_group(const Layout& X, int64_t j) {
   int g = 0;
 #pragma unroll
   for (int k = 1; k < MAX_GROUPS; ++k)
     if (k < X.groups && j >= X.row_start[k]) g = k;
-  return g;
-}
-
-__device__ __forceinline__ int find_target_group(const PackTarget& T, int64_t p) {
-  int g = 0;
-#pragma unroll
-  for (int k = 1; k < MAX_GROUPS; ++k)
-    if (k < T.groups && p >= T.row_start[k]) g = k;
   return g;
 }
 
@@ -77,7 +71,7 @@ template <int FPL>
 __device__ __forceinline__ void store_packed(const PackTarget& T, int64_t r, int64_t f0,
                                              int64_t F, const float* values) {
   const int64_t p = T.position ? T.position[r] : r;
-  const int g = find_target_group(T, p);
+  const int g = find_group(T, p);
   const int b = T.bits[g];
   const int P = 32 / b;
   uint32_t* row = T.words + T.word_start[g] + (p - T.row_start[g]) * T.width[g];

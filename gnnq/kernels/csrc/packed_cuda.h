@@ -9,32 +9,19 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "packed_layout.h"
+
 namespace gnnq_cuda {
 
-constexpr int MAX_GROUPS = 8;
+constexpr int MAX_GROUPS = gnnq_layout::MAX_GROUPS;
 
-// Rows of codes packed along the features, grouped by bitwidth (gnnq/kernels/packing.py):
-// grouped row p of group g (row_start[g] <= p < row_start[g+1]) starts at word
-// word_start[g] + (p - row_start[g]) * width[g]; width[g] = ceil(F / (32 / bits[g])).
-struct Packed {
-  const uint32_t* words = nullptr;
-  int groups = 1;
-  int bits[MAX_GROUPS] = {0};
-  int64_t row_start[MAX_GROUPS + 1] = {0};
-  int64_t word_start[MAX_GROUPS] = {0};
-  int64_t width[MAX_GROUPS] = {0};
-};
+// A packed tensor to read (gnnq_layout::Groups).
+using Packed = gnnq_layout::Groups<const uint32_t>;
 
-// Where quantized codes go: a grid (per row, axis 0, or per column, axis 1: scale, zero point,
-// code range) and a packed layout as in Packed. `order[p]` is the original row of grouped row
-// p and `position[r]` the grouped row of original row r (both null: identity).
-struct PackTarget {
-  uint32_t* words = nullptr;
-  int groups = 1;
-  int bits[MAX_GROUPS] = {0};
-  int64_t row_start[MAX_GROUPS + 1] = {0};
-  int64_t word_start[MAX_GROUPS] = {0};
-  int64_t width[MAX_GROUPS] = {0};
+// Where quantized codes go: a packed layout to write and a grid (per row, axis 0, or per
+// column, axis 1: scale, zero point, code range). `order[p]` is the original row of grouped
+// row p and `position[r]` the grouped row of original row r (both null: identity).
+struct PackTarget : gnnq_layout::Groups<uint32_t> {
   const int64_t* order = nullptr;
   const int64_t* position = nullptr;
   const float* scale = nullptr;     // per row (axis 0) or column (axis 1)
