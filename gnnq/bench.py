@@ -97,7 +97,7 @@ class BenchConfig:
     pyg_max_bytes: float = 4.0e9
     check: bool = True
     seed: int = 0
-    out: str = "results"
+    out: str = "outputs/bench"
     data_root: str = "data"
     synthetic: dict[str, SyntheticGraph] = field(default_factory=dict)
     tracking: BenchTracking = field(default_factory=BenchTracking)
