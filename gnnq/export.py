@@ -23,13 +23,14 @@ the model actually produced: the weights must be reproduced bit for bit
 forward pass, so an adapter that does not match its quantizer fails loudly instead of
 exporting a wrong model.
 
-**Architectures.** Packers are registered per model class (:func:`register_packer`); node-level
-GCN is packed today. Per-edge ``message`` quantizers (Degree-Quant, smoothness-aware) requantize
-every edge's product ``w_ij h_j``: the packed layer keeps that grid and computes those layers'
-aggregation edge by edge, summing message codes as integers
-(:meth:`~gnnq.kernels.model.PackedGCNLayer.message_aggregate`), which the packed SpMM kernels
-do not do. ``--drop-role message`` leaves those quantizers out instead, so the layer runs on
-the fast kernels as an approximation whose cost the verification reports.
+**Architectures.** Packers are registered per model class (:func:`register_packer`): the
+node-level GCN and the smoothness-aware paper's SMP model (its MLP and every propagation
+step's products) are packed today. Per-edge ``message`` quantizers (Degree-Quant,
+smoothness-aware) requantize every edge's product ``w_ij h_j``: the packed model keeps that
+grid and aggregates those products edge by edge, summing message codes as integers
+(:func:`~gnnq.kernels.model.message_sum`), which the packed SpMM kernels do not do.
+``--drop-role message`` leaves those quantizers out instead, so GCN layers run on the fast
+kernels as an approximation whose cost the verification reports.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ from torch import Tensor, nn
 from gnnq import __version__
 from gnnq.errors import GnnqError
 from gnnq.kernels.grid import Grid, affine_grid, symmetric_grid
-from gnnq.kernels.model import ROLES, PackedGCNLayer, PackedGraph, PackedModel
+from gnnq.kernels.model import (PackedGCNLayer, PackedGraph, PackedLinear, PackedModel,
+                                PackedSMPProp)
 from gnnq.kernels.packing import MAX_BITS, pack
+from gnnq.quant.base import Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +215,59 @@ def pack_model(model: nn.Module, edge_index: Tensor, num_nodes: int,
                     f"{type(model).__name__}, which has no packer yet.")
 
 
+def _activation_grids(roles: dict[str, nn.Module], prefix: str, capture: Capture,
+                      mismatches: dict[str, int]) -> dict[str, Grid]:
+    """The grids of the activation quantizers ``roles`` (role -> quantizer, named
+    ``<prefix>.<role>``), each checked against what its quantizer produced on the export pass;
+    messages (one row per edge) and packed inputs constrain their axis."""
+    grids: dict[str, Grid] = {}
+    for role, quantizer in roles.items():
+        name = f"{prefix}.{role}"
+        seen = capture.seen.get(id(quantizer))
+        grid = grid_of(quantizer, name, None if seen is None else seen[0])
+        if grid.axis != "row" and grid.uniform_bits is None:
+            raise GnnqError(f"{name}: a per-{grid.axis} grid must use one bitwidth (codes are "
+                            f"packed along the features).")
+        if role == "message" and grid.axis == "row":
+            raise GnnqError(f"{name}: a per-row grid of the messages would be one per edge; "
+                            f"expected one per tensor or per channel.")
+        if role == "input" and grid.axis == "column":
+            raise GnnqError(f"{name}: a per-channel input grid cannot be factored out of the "
+                            f"dense transform; expected per node or tensor.")
+        _check_activation(grid, quantizer, capture, name, mismatches)
+        grids[role] = grid
+    return grids
+
+
+def _pack_linear(lin: nn.Module, prefix: str, capture: Capture, mismatches: dict[str, int],
+                 drop_roles: tuple[str, ...]) -> tuple[Tensor, Grid, dict[str, Grid]]:
+    """A QLinear's packed weight codes, their grid (checked bit for bit against the weight
+    quantizer) and its input / feature grids."""
+    roles = {r: q for r, q in lin.q.by_role.items() if r not in drop_roles}
+    where = f"{prefix}.q.weight"
+    if "weight" not in roles:
+        raise GnnqError(f"{prefix}'s weights are not quantized (an FP32 model): there is "
+                        f"nothing to pack. Export a model trained with +quant=...")
+    wq = roles.pop("weight")
+    weight = lin.weight.detach()
+    wgrid = grid_of(wq, where, weight)
+    if wgrid.axis == "column":
+        raise GnnqError(f"{where}: per-input-channel weight scales cannot be factored out "
+                        f"of the dot product; expected one scale per output channel.")
+    if wgrid.uniform_bits is None:
+        raise GnnqError(f"{where}: the weights mix bitwidths; expected one per layer.")
+    codes = wgrid.quantize(weight)
+    with torch.no_grad():
+        expected = wq(weight)
+    if not torch.equal(wgrid.dequantize(codes), expected):
+        bad = int((wgrid.dequantize(codes) != expected).sum())
+        raise GnnqError(f"{where}: the integer grid from {type(wq).__name__} reproduces "
+                        f"{weight.numel() - bad} of {weight.numel()} fake-quantized weights; "
+                        f"its export adapter does not match the quantizer.")
+    grids = _activation_grids(roles, f"{prefix}.q", capture, mismatches)
+    return pack(codes, wgrid.uniform_bits), wgrid, grids
+
+
 def pack_gcn(model: nn.Module, edge_index: Tensor, num_nodes: int,
              capture: Optional[Capture] = None,
              drop_roles: tuple[str, ...] = ()) -> tuple[PackedModel, dict[str, int]]:
@@ -221,61 +277,56 @@ def pack_gcn(model: nn.Module, edge_index: Tensor, num_nodes: int,
     layers = []
     num_layers = len(model.convs)
     for k, conv in enumerate(model.convs):
-        lin_roles = {r: q for r, q in conv.lin.q.by_role.items() if r not in drop_roles}
-        conv_roles = {r: q for r, q in conv.q.by_role.items() if r not in drop_roles}
-        if "weight" not in lin_roles:
-            raise GnnqError(f"Layer {k}'s weights are not quantized (an FP32 model): there is "
-                            f"nothing to pack. Export a model trained with +quant=...")
-        where = f"convs.{k}.lin.q.weight"
-        wq = lin_roles["weight"]
-        wgrid = grid_of(wq, where, conv.lin.weight.detach())
-        if wgrid.axis == "column":
-            raise GnnqError(f"{where}: per-input-channel weight scales cannot be factored out "
-                            f"of the dot product; expected one scale per output channel.")
-        if wgrid.uniform_bits is None:
-            raise GnnqError(f"{where}: the weights mix bitwidths; expected one per layer.")
-        weight = conv.lin.weight.detach()
-        codes = wgrid.quantize(weight)
-        with torch.no_grad():
-            expected = wq(weight)
-        if not torch.equal(wgrid.dequantize(codes), expected):
-            bad = int((wgrid.dequantize(codes) != expected).sum())
-            raise GnnqError(f"{where}: the integer grid from {type(wq).__name__} reproduces "
-                            f"{weight.numel() - bad} of {weight.numel()} fake-quantized weights; "
-                            f"its export adapter does not match the quantizer.")
-        grids: dict[str, Optional[Grid]] = {}
-        for role, owner, prefix in (("input", lin_roles, "lin.q"), ("feature", lin_roles, "lin.q"),
-                                    ("message", conv_roles, "q"), ("aggregate", conv_roles, "q"),
-                                    ("update", conv_roles, "q")):
-            if role in owner:
-                name = f"convs.{k}.{prefix}.{role}"
-                seen = capture.seen.get(id(owner[role]))
-                grids[role] = grid_of(owner[role], name, None if seen is None else seen[0])
-                if grids[role].axis != "row" and grids[role].uniform_bits is None:
-                    raise GnnqError(f"{name}: a per-{grids[role].axis} grid must use one "
-                                    f"bitwidth (codes are packed along the features).")
-                _check_activation(grids[role], owner[role], capture, name, mismatches)
-        if grids.get("message") is not None and grids["message"].axis == "row":
-            raise GnnqError(f"convs.{k}.q.message: a per-row grid of the messages would be one "
-                            f"per edge; expected one per tensor or per channel.")
-        if grids.get("input") is not None and grids["input"].axis == "column":
-            raise GnnqError(f"convs.{k}.lin.q.input: a per-channel input grid cannot be "
-                            f"factored out of the dense transform; expected per node or tensor.")
-        bias = None if conv.bias is None else conv.bias.detach().clone()
         if conv.lin.bias is not None:
             raise GnnqError(f"Layer {k}'s linear map has its own bias; expected the GCN layout "
                             f"(bias after the aggregation).")
-        layers.append(PackedGCNLayer(
-            conv.in_channels, conv.out_channels, pack(codes, wgrid.uniform_bits), wgrid,
-            bias=bias, relu=k < num_layers - 1, **grids))
+        words, wgrid, grids = _pack_linear(conv.lin, f"convs.{k}.lin", capture, mismatches,
+                                           drop_roles)
+        conv_roles = {r: q for r, q in conv.q.by_role.items() if r not in drop_roles}
+        grids.update(_activation_grids(conv_roles, f"convs.{k}.q", capture, mismatches))
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        layers.append(PackedGCNLayer(conv.in_channels, conv.out_channels, words, wgrid,
+                                     bias=bias, relu=k < num_layers - 1, **grids))
     graph = PackedGraph.gcn(edge_index, num_nodes)
     return PackedModel(graph, layers), mismatches
 
 
+def pack_smp(model: nn.Module, edge_index: Tensor, num_nodes: int,
+             capture: Optional[Capture] = None,
+             drop_roles: tuple[str, ...] = ()) -> tuple[PackedModel, dict[str, int]]:
+    """Pack the SMP model (:class:`gnnq.models.SMP`): its two quantized linears and the
+    grids of every propagation step's products."""
+    capture = capture or Capture()
+    mismatches: dict[str, int] = {}
+    layers = []
+    for name, relu in (("lin1", True), ("lin2", False)):
+        lin = getattr(model, name)
+        words, wgrid, grids = _pack_linear(lin, name, capture, mismatches, drop_roles)
+        bias = None if lin.bias is None else lin.bias.detach().clone()
+        layers.append(PackedLinear(lin.in_channels, lin.out_channels, words, wgrid, bias=bias,
+                                   relu=relu, **grids))
+    prop = model.prop
+    steps = {}
+    for part in ("base", "gap"):
+        steps[part] = [_activation_grids({r: q for r, q in quantizers.by_role.items()
+                                          if r not in drop_roles},
+                                         f"prop.{part}.{k}", capture, mismatches)
+                       for k, quantizers in enumerate(getattr(prop, part))]
+    packed_prop = PackedSMPProp(
+        steps=prop.steps, alpha=prop.alpha, propagation=prop.propagation,
+        correction=prop.correction, threshold=prop.threshold,
+        multiplier_lr=prop.multiplier_lr, slack_lr=prop.slack_lr,
+        multiplier_init=prop.multiplier_init, slack_init=prop.slack_init,
+        base=steps["base"], gap=steps["gap"])
+    graph = PackedGraph.gcn(edge_index, num_nodes)
+    return PackedModel(graph, layers, architecture="smp", propagation=packed_prop), mismatches
+
+
 def _register_packers() -> None:
-    from gnnq.models import GCN
+    from gnnq.models import GCN, SMP
 
     register_packer(GCN)(pack_gcn)
+    register_packer(SMP)(pack_smp)
 
 
 _register_packers()
@@ -408,8 +459,8 @@ def export(source: str, out: Optional[Path] = None, run: Optional[int] = None,
         raise GnnqError(f"gnnq export packs node-level models; {task.name!r} is graph-level.")
     graph = task.graph
     capture = Capture()
-    handles = [m.register_forward_hook(capture.hook) for name, m in model.named_modules()
-               if name.rsplit(".", 1)[-1] in ROLES and name.split(".")[-2] == "q"]
+    handles = [m.register_forward_hook(capture.hook) for m in model.modules()
+               if isinstance(m, Quantizer)]
     with torch.no_grad():
         fake = model(graph.x, graph.edge_index)
     for h in handles:
@@ -512,14 +563,16 @@ def describe(path: Path) -> str:
              f"{model.architecture} {widths}, {model.graph.num_nodes:,} nodes, "
              f"{model.graph.num_edges:,} edges (self-loops included); method "
              f"{src.get('method', '?')} on {src.get('dataset', '?')} (run {src.get('run', '?')})"]
+    def roles(grids: dict[str, Optional[Grid]]) -> str:
+        return ", ".join(f"{role} {'/'.join(str(int(b)) for b in torch.unique(grid.bits))}-bit "
+                         f"per {grid.axis}" for role, grid in grids.items() if grid is not None)
+
     for k, layer in enumerate(model.layers):
-        roles = []
-        for role in ROLES:
-            grid = getattr(layer, role)
-            if grid is not None:
-                bits = "/".join(str(int(b)) for b in torch.unique(grid.bits))
-                roles.append(f"{role} {bits}-bit per {grid.axis}")
-        lines.append(f"gnnq:   layer {k}: {', '.join(roles)}")
+        lines.append(f"gnnq:   layer {k}: {roles(layer.grids())}")
+    prop = model.propagation
+    if prop is not None:
+        lines.append(f"gnnq:   {prop.propagation} propagation, {prop.steps} steps (alpha "
+                     f"{prop.alpha:g}); step 0: {roles(prop.base[0]) or 'FP32'}")
     verification = model.header.get("verification", {})
     for key in ("reference", "cpu", "cuda"):
         if key in verification:

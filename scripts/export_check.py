@@ -5,7 +5,8 @@ fake-quantized originals predict?
 
 Each row exports every run's checkpoint of one trained job with `gnnq export` (in process:
 gnnq.export.export) and runs the packed model on the integer reference and on the CPU
-kernels. The jobs come from the other result scripts (scripts/a2q.py, scripts/comparison.py);
+kernels. The jobs come from the other result scripts (scripts/a2q.py, scripts/comparison.py,
+scripts/smoothness.py);
 rows whose job has not run yet are listed as such.
 """
 
@@ -22,12 +23,16 @@ from gnnq.export import export
 RESULTS = ROOT / "results"
 # (label, job folder, quantizer roles left out, what that means)
 _CORA = OUTPUTS / "comparison" / "gcn_cora"
+_SMP = OUTPUTS / "smoothness"
 MODELS = [
     ("A²Q GCN-Cora (mixed per-node bits)", OUTPUTS / "a2q" / "a2q_gcn_cora", ()),
     ("A²Q GCN-CiteSeer (mixed per-node bits)", OUTPUTS / "a2q" / "a2q_gcn_citeseer", ()),
     ("QLR INT4 GCN-Cora (smoothness-aware)", _CORA / "qlr-int4", ()),
     ("QLR INT4 GCN-Cora, messages dropped", _CORA / "qlr-int4", ("message",)),
     ("QLR INT2-BT* GCN-Cora (smoothness-aware)", _CORA / "qlr-int2-btstar", ()),
+    ("QLR INT8 SMP-Cora (the paper's model)", _SMP / "smooth_smp_cora_int8", ()),
+    ("QLR INT4 SMP-Cora (the paper's model)", _SMP / "smooth_smp_cora_int4", ()),
+    ("QLR INT2 SMP-Cora (the paper's model)", _SMP / "smooth_smp_cora_int2", ()),
     ("DQ-INT8 GCN-Cora (Degree-Quant)", _CORA / "dq-int8", ()),
     ("DQ-INT4 GCN-Cora (Degree-Quant)", _CORA / "dq-int4", ()),
     ("DQ-INT4 GCN-Cora, messages dropped", _CORA / "dq-int4", ("message",)),

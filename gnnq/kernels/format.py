@@ -22,6 +22,9 @@ name                              dtype    meaning
 ``layers.K.ROLE.zero_point``      int32    zero point per group
 ``layers.K.ROLE.umin`` / ``umax`` int32    stored code range per group
 ``layers.K.bias``                 float32  ``[out]`` (if the layer has a bias)
+``propagation.P.K.ROLE.*``        (grid)   SMP only: the grid of step ``K``'s product ``P``
+                                           (``base`` or ``gap``), roles ``message``,
+                                           ``aggregate``, ``update``
 ================================  =======  =====================================================
 
 ``ROLE`` is ``weight`` and any of ``input``, ``feature``, ``message`` (per tensor or channel,
@@ -29,14 +32,18 @@ applied to every edge's product), ``aggregate``, ``update`` the model quantizes
 (:mod:`gnnq.kernels.model`). The JSON header::
 
     {"format": "gnnq-packed", "version": 1, "gnnq_version": "...",
-     "model": {"architecture": "gcn", "level": "node", "num_nodes": N,
+     "model": {"architecture": "gcn"|"smp", "level": "node", "num_nodes": N,
                "in_features": F, "out_features": C,
                "layers": [{"in_features": .., "out_features": .., "relu": true|false,
                            "bias": true|false,
                            "weight"|"input"|"feature"|"message"|"aggregate"|"update":
                                null | {"axis": "row"|"column"|"tensor",
                                        "rounding": "half_away"|"half_even",
-                                       "groups": G, "bits": [distinct bitwidths]}}]},
+                                       "groups": G, "bits": [distinct bitwidths]}}],
+               "propagation": {"steps": K, "alpha": .., "propagation": "smp"|"appnp",
+                               "correction": .., "threshold": .., "multiplier_lr": ..,
+                               "slack_lr": .., "multiplier_init": .., "slack_init": ..,
+                               "base": [{ROLE: grid header}] * K, "gap": [...]}  (smp only)},
      "graph": {"num_nodes": N, "num_edges": nnz, "self_loops": true,
                "normalization": "symmetric (D^-1/2 folded into per-node factors)"},
      "source": {...provenance: run id, checkpoint, method, dataset...},
@@ -60,11 +67,13 @@ from torch import Tensor
 from gnnq import __version__
 from gnnq.errors import GnnqError
 from gnnq.kernels.grid import AXES, ROUNDING, Grid
-from gnnq.kernels.model import ROLES, PackedGCNLayer, PackedGraph, PackedModel
+from gnnq.kernels.model import (PROP_ROLES, PackedGCNLayer, PackedGraph, PackedLinear,
+                                PackedModel, PackedSMPProp)
 from gnnq.kernels.packing import words_per_row
 
 FORMAT_NAME = "gnnq-packed"
 FORMAT_VERSION = 1
+ARCHITECTURES = ("gcn", "smp")
 GRID_TENSORS = {"bits": torch.uint8, "scale": torch.float32, "zero_point": torch.int32,
                 "umin": torch.int32, "umax": torch.int32}
 
@@ -96,8 +105,7 @@ def to_tensors_and_header(model: PackedModel) -> tuple[dict[str, Tensor], dict[s
         entry: dict[str, Any] = {"in_features": layer.in_features,
                                  "out_features": layer.out_features, "relu": layer.relu,
                                  "bias": layer.bias is not None}
-        for role in ROLES:
-            grid = getattr(layer, role)
+        for role, grid in layer.grids().items():
             entry[role] = _grid_header(grid)
             if grid is not None:
                 for name, t in grid.tensors().items():
@@ -105,11 +113,22 @@ def to_tensors_and_header(model: PackedModel) -> tuple[dict[str, Tensor], dict[s
         if layer.bias is not None:
             tensors[f"layers.{k}.bias"] = layer.bias.to(torch.float32).contiguous()
         layers.append(entry)
+    described: dict[str, Any] = {
+        "architecture": model.architecture, "level": "node", "num_nodes": g.num_nodes,
+        "in_features": model.in_features, "out_features": model.out_features, "layers": layers}
+    prop = model.propagation
+    if prop is not None:
+        steps: dict[str, list] = {"base": [], "gap": []}
+        for kind in steps:
+            for k, grids in enumerate(getattr(prop, kind)):
+                steps[kind].append({role: _grid_header(grid) for role, grid in grids.items()})
+                for role, grid in grids.items():
+                    for name, t in grid.tensors().items():
+                        tensors[f"propagation.{kind}.{k}.{role}.{name}"] = t.contiguous()
+        described["propagation"] = {**prop.constants(), **steps}
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "gnnq_version": __version__,
-        "model": {"architecture": model.architecture, "level": "node",
-                  "num_nodes": g.num_nodes, "in_features": model.in_features,
-                  "out_features": model.out_features, "layers": layers},
+        "model": described,
         "graph": {"num_nodes": g.num_nodes, "num_edges": g.num_edges, "self_loops": True,
                   "normalization": "symmetric (D^-1/2 folded into per-node factors)"},
         **{k: v for k, v in model.header.items() if k not in ("format", "version", "model",
@@ -244,10 +263,10 @@ def _grid(r: _Reader, tensors: dict[str, Tensor], prefix: str, meta: dict,
 
 def _build(r: _Reader, header: dict, tensors: dict[str, Tensor]) -> PackedModel:
     model = header.get("model")
-    if not isinstance(model, dict) or model.get("architecture") != "gcn":
-        raise r.fail(f"the header's model.architecture is "
-                     f"{model.get('architecture') if isinstance(model, dict) else None!r}",
-                     "'gcn' (the architecture this version packs)")
+    architecture = model.get("architecture") if isinstance(model, dict) else None
+    if architecture not in ARCHITECTURES:
+        raise r.fail(f"the header's model.architecture is {architecture!r}",
+                     f"one of {', '.join(ARCHITECTURES)} (the architectures this version packs)")
     n = _key(r, model, "num_nodes", int, "model")
     layer_meta = model.get("layers")
     if not isinstance(layer_meta, list) or not layer_meta:
@@ -293,10 +312,55 @@ def _build(r: _Reader, header: dict, tensors: dict[str, Tensor]) -> PackedModel:
             raise r.fail(f"layer {k}'s input grid is per column", "a row or tensor input grid")
         bias = _tensor(r, tensors, f"layers.{k}.bias", torch.float32, (fout,)) \
             if meta.get("bias") else None
-        layers.append(PackedGCNLayer(fin, fout, words, wgrid, bias=bias,
-                                     relu=bool(meta.get("relu")), **grids))
+        if architecture == "gcn":
+            layers.append(PackedGCNLayer(fin, fout, words, wgrid, bias=bias,
+                                         relu=bool(meta.get("relu")), **grids))
+        else:
+            if set(grids) - {"input", "feature"}:
+                raise r.fail(f"linear layer {k} has {sorted(grids)} grids",
+                             "input and feature grids only (an MLP layer aggregates nothing)")
+            layers.append(PackedLinear(fin, fout, words, wgrid, bias=bias,
+                                       relu=bool(meta.get("relu")), **grids))
     if width != model.get("out_features"):
         raise r.fail(f"the last layer gives {width} features but model.out_features is "
                      f"{model.get('out_features')!r}", "them to agree")
+    propagation = _propagation(r, model, tensors, width) if architecture == "smp" else None
     extra = {k: v for k, v in header.items() if k not in ("model", "graph")}
-    return PackedModel(graph, layers, header=extra)
+    return PackedModel(graph, layers, header=extra, architecture=architecture,
+                       propagation=propagation)
+
+
+def _propagation(r: _Reader, model: dict, tensors: dict[str, Tensor],
+                 width: int) -> PackedSMPProp:
+    meta = model.get("propagation")
+    if not isinstance(meta, dict):
+        raise r.fail("the header's model.propagation is missing", "the SMP propagation")
+    steps = _key(r, meta, "steps", int, "model.propagation")
+    constants = {k: _key(r, meta, k, (int, float), "model.propagation")
+                 for k in ("alpha", "threshold", "multiplier_lr", "slack_lr",
+                           "multiplier_init", "slack_init")}
+    kind = meta.get("propagation")
+    correction = meta.get("correction")
+    if kind not in ("smp", "appnp") or correction not in ("laplacian", "adjacency"):
+        raise r.fail(f"model.propagation has propagation {kind!r} and correction "
+                     f"{correction!r}", "propagation smp|appnp and correction laplacian|adjacency")
+    grids: dict[str, list[dict[str, Grid]]] = {}
+    for part in ("base", "gap"):
+        entries = meta.get(part)
+        want = steps if part == "base" or kind == "smp" else 0
+        if not isinstance(entries, list) or len(entries) != want:
+            raise r.fail(f"model.propagation.{part} has "
+                         f"{len(entries) if isinstance(entries, list) else entries!r} steps",
+                         f"{want} (one per step)")
+        grids[part] = []
+        for k, roles in enumerate(entries):
+            if not isinstance(roles, dict) or set(roles) - set(PROP_ROLES):
+                raise r.fail(f"model.propagation.{part}[{k}] is {roles!r}",
+                             f"grids of the roles {', '.join(PROP_ROLES)}")
+            grids[part].append({
+                role: _grid(r, tensors, f"propagation.{part}.{k}.{role}", g,
+                            (1, width) if role == "message" else (1, width, model["num_nodes"]))
+                for role, g in roles.items() if g is not None})
+    return PackedSMPProp(steps=steps, propagation=kind, correction=correction,
+                         base=grids["base"], gap=grids["gap"],
+                         **{k: float(v) for k, v in constants.items()})

@@ -1,4 +1,5 @@
-"""The packed integer GCN: graph, layers, and inference on any backend.
+"""The packed integer models (GCN and the smoothness-aware SMP model): graph, layers, and
+inference on any backend.
 
 One layer computes, with ``Ĝ = D^{-1/2} (A + I) D^{-1/2}`` and the quantizer grids of the
 trained model (:mod:`gnnq.kernels.grid`)::
@@ -10,7 +11,9 @@ trained model (:mod:`gnnq.kernels.grid`)::
     [Y   = Q_aggregate / Q_update(Y)]     requantized where the model has those quantizers
     ReLU between layers (fused into the SpMM epilogue where nothing sits in between)
 
-A role without a quantizer stays FP32 (the raw first-layer input: ``H = X W_q^T`` in float;
+The SMP model (:class:`PackedSMPProp`) is two such transforms without aggregation
+(:class:`PackedLinear`), then ``K`` propagation steps whose products with ``Ĝ`` are requantized
+by each step's own grids. A role without a quantizer stays FP32 (the raw first-layer input: ``H = X W_q^T`` in float;
 no feature quantizer: an FP32 SpMM). Row grids may mix bitwidths; those rows are packed in
 groups of equal bitwidth (:mod:`gnnq.kernels.packing`).
 """
@@ -97,17 +100,40 @@ def _requantize(y: Tensor, grid: Optional[Grid]) -> Tensor:
     return g.dequantize(g.quantize(y))
 
 
+def message_sum(h: Tensor, graph: PackedGraph, grid: Grid) -> Tensor:
+    """``sum_j Q_message(d_i^{-1/2} d_j^{-1/2} h_j)``: every edge's product is requantized on
+    the message grid (what Degree-Quant and the smoothness-aware quantizer train with), the
+    codes are summed as integers per destination, and one scale turns each sum into a value.
+    PyTorch ops on any device, in edge chunks (no packed kernel computes per-edge
+    requantization)."""
+    dev = h.device
+    rowptr, col = graph.rowptr.to(dev), graph.col.to(dev).long()
+    dinv = graph.deg_inv_sqrt.to(dev)
+    n = rowptr.numel() - 1
+    dst = torch.repeat_interleave(torch.arange(n, device=dev), rowptr[1:] - rowptr[:-1])
+    g = Grid(grid.axis, grid.bits, grid.scale.to(dev), grid.zero_point.to(dev),
+             grid.umin.to(dev), grid.umax.to(dev), grid.rounding)
+    zero = g.zero_point.to(torch.int64).view(1, -1)
+    sums = torch.zeros(n, h.size(1), dtype=torch.int64, device=dev)
+    for start in range(0, col.numel(), MESSAGE_CHUNK):
+        j, i = col[start:start + MESSAGE_CHUNK], dst[start:start + MESSAGE_CHUNK]
+        # The same float32 product as the fake-quantized layer: (d_j^-1/2 d_i^-1/2) h_j.
+        m = (dinv[j] * dinv[i]).view(-1, 1) * h[j]
+        sums.index_add_(0, i, g.quantize(m).to(torch.int64) - zero)
+    return (sums.to(torch.float64) * g.scale.to(torch.float64).view(1, -1)).to(torch.float32)
+
+
 @dataclass
-class PackedGCNLayer:
+class PackedLinear:
+    """``ReLU?(Q_feature(Q_input(X) W_q^T) + b)``: a quantized linear map on its own (the SMP
+    model's MLP); :class:`PackedGCNLayer` adds the aggregation."""
+
     in_features: int
     out_features: int
     weight_words: Tensor                # int32 [out, words per row], codes along in_features
     weight: Grid                        # one group per output channel (or one)
     input: Optional[Grid] = None        # row (node) or tensor grid
     feature: Optional[Grid] = None      # column (channel), tensor or row grid
-    message: Optional[Grid] = None      # column or tensor grid, applied to every edge
-    aggregate: Optional[Grid] = None
-    update: Optional[Grid] = None
     bias: Optional[Tensor] = None
     relu: bool = False                  # ReLU on this layer's output
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -139,28 +165,24 @@ class PackedGCNLayer:
         packed = backend.quantize_pack(h, self.input, lay)
         return backend.linear(packed, self.input, self.weight_words, self.weight)
 
-    def message_aggregate(self, y: Tensor, graph: PackedGraph) -> Tensor:
-        """``sum_j Q_message(d_i^{-1/2} d_j^{-1/2} h_j)`` with ``h = Q_feature(y)``: every
-        edge's product is requantized on the message grid (what Degree-Quant and the
-        smoothness-aware quantizer train with), the codes are summed as integers per
-        destination, and one scale turns each sum into a value. Runs as PyTorch ops on any
-        device (no packed kernel computes per-edge requantization)."""
-        grid, dev = self.message, y.device
-        h = _requantize(y, self.feature)
-        rowptr, col = graph.rowptr.to(dev), graph.col.to(dev).long()
-        dinv = graph.deg_inv_sqrt.to(dev)
-        n = rowptr.numel() - 1
-        dst = torch.repeat_interleave(torch.arange(n, device=dev), rowptr[1:] - rowptr[:-1])
-        g = Grid(grid.axis, grid.bits, grid.scale.to(dev), grid.zero_point.to(dev),
-                 grid.umin.to(dev), grid.umax.to(dev), grid.rounding)
-        zero = g.zero_point.to(torch.int64).view(1, -1)
-        sums = torch.zeros(n, h.size(1), dtype=torch.int64, device=dev)
-        for start in range(0, col.numel(), MESSAGE_CHUNK):
-            j, i = col[start:start + MESSAGE_CHUNK], dst[start:start + MESSAGE_CHUNK]
-            # The same float32 product as the fake-quantized layer: (d_j^-1/2 d_i^-1/2) h_j.
-            m = (dinv[j] * dinv[i]).view(-1, 1) * h[j]
-            sums.index_add_(0, i, g.quantize(m).to(torch.int64) - zero)
-        return (sums.to(torch.float64) * g.scale.to(torch.float64).view(1, -1)).to(torch.float32)
+    def grids(self) -> dict[str, Optional[Grid]]:
+        return {role: getattr(self, role, None) for role in ROLES}
+
+    def forward(self, h: Tensor, graph: "PackedGraph", backend) -> Tensor:
+        out = _requantize(self.transform(h, backend), self.feature)
+        if self.bias is not None:
+            out = out + self.bias.to(out.device)
+        return out.clamp_min(0) if self.relu else out
+
+
+@dataclass
+class PackedGCNLayer(PackedLinear):
+    """One GCN layer: :class:`PackedLinear`'s transform (without its bias), then the
+    aggregation with the layer's message / aggregate / update grids and the bias."""
+
+    message: Optional[Grid] = None      # column or tensor grid, applied to every edge
+    aggregate: Optional[Grid] = None
+    update: Optional[Grid] = None
 
     def aggregate_step(self, y: Tensor, graph: PackedGraph, backend) -> Tensor:
         """``Ĝ Q_feature(H) + b`` with the layer's requantizers and ReLU."""
@@ -169,7 +191,7 @@ class PackedGCNLayer:
         relu = self.relu and fuse
         dinv = graph.deg_inv_sqrt
         if self.message is not None:
-            out = self.message_aggregate(y, graph)
+            out = message_sum(_requantize(y, self.feature), graph, self.message)
         elif self.feature is None:
             out = backend.spmm_f32(graph.rowptr, graph.col, y, src_scale=dinv, dst_scale=dinv,
                                    bias=bias, relu=relu)
@@ -217,15 +239,93 @@ class PackedGCNLayer:
         return self.aggregate_step(self.transform(h, backend), graph, backend)
 
 
+PROP_ROLES = ("message", "aggregate", "update")
+
+
+@dataclass
+class PackedSMPProp:
+    """``steps`` propagation steps of the SMP model (:class:`gnnq.models.smp_prop.SMPProp`,
+    ``propagation="smp"`` or ``"appnp"``) on the trained grids: each step's products with
+    ``Ĝ`` (the base one and, for SMP, the correction's) requantized by its own message /
+    aggregate / update grids (messages edge by edge, :func:`message_sum`); the teleport, the
+    correction, the change energy, slack and multiplier in FP32, with the model's own
+    functions, as the trained model computes them."""
+
+    steps: int
+    alpha: float
+    propagation: str
+    correction: str
+    threshold: float
+    multiplier_lr: float
+    slack_lr: float
+    multiplier_init: float
+    slack_init: float
+    base: list[dict[str, Grid]]   # per step: the grids of the roles that are quantized
+    gap: list[dict[str, Grid]]    # per step (SMP only)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def constants(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "steps", "alpha", "propagation", "correction", "threshold", "multiplier_lr",
+            "slack_lr", "multiplier_init", "slack_init")}
+
+    def product(self, x: Tensor, graph: PackedGraph, grids: dict[str, Grid], backend) -> Tensor:
+        if "message" in grids:
+            out = message_sum(x, graph, grids["message"])
+        else:
+            dinv = graph.deg_inv_sqrt
+            out = backend.spmm_f32(graph.rowptr, graph.col, x, src_scale=dinv, dst_scale=dinv)
+        return _requantize(_requantize(out, grids.get("aggregate")), grids.get("update"))
+
+    def incidence(self, graph: PackedGraph) -> Tensor:
+        key = ("incidence", str(graph.col.device))
+        if key not in self._cache:
+            from gnnq.models.smp_prop import normalized_incidence
+
+            n = graph.num_nodes
+            dst = torch.repeat_interleave(torch.arange(n, device=graph.col.device),
+                                          graph.rowptr[1:] - graph.rowptr[:-1])
+            self._cache[key] = normalized_incidence(torch.stack([graph.col.long(), dst]), n)
+        return self._cache[key]
+
+    def forward(self, h: Tensor, graph: PackedGraph, backend) -> Tensor:
+        from gnnq.models.smp_prop import change_energy, multiplier_step
+
+        a, x = self.alpha, h
+        if self.propagation == "appnp":
+            for k in range(self.steps):
+                x = (1 - a) * self.product(x, graph, self.base[k], backend) + a * h
+            return x
+        incidence = self.incidence(graph)
+        budget = self.threshold * graph.num_edges
+        multiplier, slack = h.new_tensor(self.multiplier_init), h.new_tensor(self.slack_init)
+        for k in range(self.steps):
+            x_tilde = (1 - a) * self.product(x, graph, self.base[k], backend) + a * h
+            delta = x_tilde - x
+            gap = self.product(delta, graph, self.gap[k], backend)
+            direction = gap if self.correction == "adjacency" else delta - gap
+            x_next = x_tilde + 2 * a * multiplier * direction
+            energy = change_energy(delta, incidence.to(delta.device))
+            multiplier, slack = multiplier_step(multiplier, slack, energy, budget,
+                                                self.multiplier_lr, self.slack_lr)
+            x = x_next
+        return x
+
+    def all_grids(self) -> list[Grid]:
+        return [g for step in (*self.base, *self.gap) for g in step.values()]
+
+
 @dataclass
 class PackedModel:
-    """A packed node-level GCN and the graph it runs on; ``header`` holds the provenance
+    """A packed node-level model and the graph it runs on: a GCN (``layers``) or the SMP
+    model (an MLP of ``layers``, then ``propagation``); ``header`` holds the provenance
     (source run, method, verification numbers) written into the file."""
 
     graph: PackedGraph
-    layers: list[PackedGCNLayer]
+    layers: list[PackedLinear]    # PackedGCNLayer for "gcn"; the MLP's PackedLinear for "smp"
     header: dict = field(default_factory=dict)
     architecture: str = "gcn"
+    propagation: Optional[PackedSMPProp] = None   # "smp": after the layers
 
     @property
     def in_features(self) -> int:
@@ -256,6 +356,8 @@ class PackedModel:
         h = x.to(torch.float32).to(backend.device)
         for layer in self.layers:
             h = layer.forward(h, graph, backend)
+        if self.propagation is not None:
+            h = self.propagation.forward(h, graph, backend)
         return h.cpu() if to_cpu else h
 
     __call__ = forward
@@ -263,12 +365,10 @@ class PackedModel:
     def packed_bytes(self) -> dict[str, int]:
         """Bytes of the stored model: weights, grids and biases, and the graph."""
         weights = sum(layer.weight_words.numel() * 4 for layer in self.layers)
-        grids = 0
-        for layer in self.layers:
-            for role in ROLES:
-                grid = getattr(layer, role)
-                if grid is not None:
-                    grids += sum(t.numel() * t.element_size() for t in grid.tensors().values())
+        all_grids = [g for layer in self.layers for g in layer.grids().values() if g is not None]
+        if self.propagation is not None:
+            all_grids += self.propagation.all_grids()
+        grids = sum(t.numel() * t.element_size() for g in all_grids for t in g.tensors().values())
         biases = sum(0 if layer.bias is None else layer.bias.numel() * 4 for layer in self.layers)
         graph = (self.graph.rowptr.numel() * 8 + self.graph.col.numel() * 4
                  + self.graph.deg_inv_sqrt.numel() * 4)
