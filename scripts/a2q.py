@@ -79,10 +79,15 @@ ABLATIONS = {
         ("uniform 3 bits", "ablation_gcn_cora_uniform_3",
          PARETO_SWEEP[:2] + ["quant.learn_bits=false", "quant.init_bits=3"]),
     ]),
-    "budget_form": ("Official KB memory target vs a bit budget (GIN-Cora preset)", [
-        ("KB target, 5 KB (preset)", "a2q_gin_cora", ["+experiment=a2q_gin_cora"]),
-        ("bit budget 2.5", "ablation_gin_cora_budget_2.5",
+    "budget_form": ("Official KB memory target vs a bit budget (GIN presets)", [
+        ("GIN-Cora, KB target (preset)", "a2q_gin_cora", ["+experiment=a2q_gin_cora"]),
+        ("GIN-Cora, bit budget 2.5", "ablation_gin_cora_budget_2.5",
          ["+experiment=a2q_gin_cora", "quant.memory_target_kb=null", "quant.bit_budget=2.5"]),
+        ("GIN-CiteSeer, KB target (preset)", "a2q_gin_citeseer",
+         ["+experiment=a2q_gin_citeseer"]),
+        ("GIN-CiteSeer, bit budget 2.5", "ablation_gin_citeseer_budget_2.5",
+         ["+experiment=a2q_gin_citeseer", "quant.memory_target_kb=null",
+          "quant.bit_budget=2.5"]),
     ]),
     "nns": ("Nearest Neighbor Strategy vs one shared quantizer (GIN-REDDIT-BINARY preset)", [
         ("NNS, m = 1000 (preset)", "a2q_gin_reddit_binary", ["+experiment=a2q_gin_reddit_binary"]),
