@@ -19,7 +19,8 @@ from gnnq.errors import GnnqError
 from gnnq.tracking.mlflow_tracker import check_reachable
 
 RULES = ("test", "best_test", "val")
-BIT_PARAMS = ("quant.bits", "quant.bit_budget", "quant.weight_bits")
+# What names a job's precision, first match wins (A²Q's KB target overrides its bit budget).
+BIT_PARAMS = ("quant.bits", "quant.memory_target_kb", "quant.bit_budget", "quant.weight_bits")
 
 
 @dataclass
@@ -77,7 +78,8 @@ def group_runs(runs) -> list[Group]:
         kind = _metric_kind(metrics)
         if kind is None or tags.get("gnnq.kind") == "sweep":
             continue
-        bits = next((f"{p.split('.')[-1]}={params[p]}" for p in BIT_PARAMS if p in params), "fp32")
+        bits = next((f"{p.split('.')[-1]}={params[p]}" for p in BIT_PARAMS
+                     if params.get(p, "None") != "None"), "fp32")
         key = (tags.get("dataset", params.get("dataset.name", "?")),
                tags.get("model", params.get("model.name", "?")),
                tags.get("method", "fp32"), bits, params.get("task_name", "-"), kind)
