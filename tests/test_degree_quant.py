@@ -130,6 +130,17 @@ def test_percentile_range_is_the_order_statistic_of_a_known_tensor():
         assert hi == torch.quantile(y, 1 - q, interpolation="higher")
 
 
+def test_percentile_range_never_collapses_on_sparse_binary_features():
+    """CiteSeer-like bag of words: 0.8 % ones, so both 1 % order statistics are 0; the range
+    falls back to min/max instead of quantizing every word to 0."""
+    torch.manual_seed(0)
+    x = (torch.rand(300, 500) < 0.008).float()
+    assert [float(v) for v in percentile_range(x, 0.01)] == [0.0, 1.0]
+    dense = (torch.rand(300, 500) < 0.05).float()  # enough ones: the percentile itself
+    assert [float(v) for v in percentile_range(dense, 0.01)] == [0.0, 1.0]
+    assert [float(v) for v in percentile_range(torch.full((50,), 3.0), 0.01)] == [3.0, 3.0]
+
+
 @pytest.mark.parametrize("kind", ["normal", "sparse", "ties"])
 def test_sampled_order_statistic_is_exact_on_large_tensors(kind):
     torch.manual_seed(1)

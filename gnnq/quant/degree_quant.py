@@ -131,7 +131,8 @@ def parse_config(quant: dict[str, Any]) -> DegreeQuantConfig:
 # -- the grid ------------------------------------------------------------------------------
 def percentile_range(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     """``(lo, hi)``: the order statistics of ``x`` that leave ``j = floor(fraction (n-1))``
-    values below and ``j`` above (``fraction = 0``: min and max). 0-d tensors, no gradient."""
+    values below and ``j`` above (``fraction = 0``: min and max; also min and max when the two
+    order statistics coincide). 0-d tensors, no gradient."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
     if n == 0:  # e.g. the messages of a graph without edges
@@ -139,7 +140,12 @@ def percentile_range(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     j = int(math.floor(fraction * (n - 1) + 1e-9))
     if j == 0:
         return torch.aminmax(flat)
-    return order_statistic(flat, j + 1, largest=False), order_statistic(flat, j + 1, largest=True)
+    lo, hi = order_statistic(flat, j + 1, largest=False), order_statistic(flat, j + 1, largest=True)
+    if bool(lo == hi):
+        # A collapsed range would quantize every value to one: sparse 0/1 features with under
+        # `fraction` nonzeros (CiteSeer's bag of words) would all become 0. Use min/max.
+        return torch.aminmax(flat)
+    return lo, hi
 
 
 def order_statistic(flat: Tensor, k: int, largest: bool) -> Tensor:
