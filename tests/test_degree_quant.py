@@ -49,6 +49,38 @@ def test_probability_interpolates_by_in_degree_rank():
                        torch.full((4,), 0.1))  # one in-degree: nothing to rank
 
 
+def test_each_graph_of_a_mini_batch_ranks_its_own_nodes():
+    deg = torch.tensor([0, 1, 1, 2, 5, 9, 30, 3, 3, 100])
+    batch = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
+    p = protection_probability(deg, 0.1, 0.6, batch)
+    # Graph 0 as above; graph 1: ranks 2, 0, 0 (top 2); graph 2: a single node, rank 0.
+    want = torch.tensor([0, 1, 1, 3, 4, 5]) / 5
+    assert torch.allclose(p[:6], 0.1 + 0.5 * want)
+    assert torch.allclose(p[6:9], torch.tensor([0.6, 0.1, 0.1]))
+    assert p[9] == pytest.approx(0.1)
+
+
+def test_graph_models_hand_the_batch_to_the_protection_mask(monkeypatch):
+    from gnnq.quant import degree_quant
+
+    seen = []
+    real = degree_quant.protection_probability
+
+    def spy(in_degree, p_min, p_max, batch=None):
+        seen.append(batch)
+        return real(in_degree, p_min, p_max, batch)
+
+    monkeypatch.setattr(degree_quant, "protection_probability", spy)
+    task, batch = graph_task()
+    for name in ("gin", "gcn"):
+        seen.clear()
+        model = build_model(ModelConfig(name=name, layers=2, hidden=8), task,
+                            build_quantizers({"name": "degree_quant", "bits": 4}, task))
+        model.train()
+        model(batch.x, batch.edge_index, batch.batch)
+        assert len(seen) == 2 and all(torch.equal(b, batch.batch) for b in seen), name
+
+
 def test_mask_frequency_follows_the_schedule_and_is_drawn_once_per_pass():
     torch.manual_seed(0)
     edge_index, n = torch.tensor([[1, 2, 3, 2, 3, 3], [0, 0, 0, 1, 1, 2]]), 4

@@ -103,9 +103,9 @@ class QGATConv(MessagePassing):
             nn.init.zeros_(self.bias)
         reset_quantizers(self.q)
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None) -> Tensor:
         H, C = self.heads, self.out_channels
-        share_graph(self, edge_index, x.size(0))
+        share_graph(self, edge_index, x.size(0), batch)
         h = self.lin(x).view(-1, H, C)
         att = self.q("attention", torch.cat([self.att_src, self.att_dst], dim=-1))
         att_src, att_dst = att.split(C, dim=-1)

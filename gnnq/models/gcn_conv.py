@@ -99,8 +99,8 @@ class QGCNConv(MessagePassing):
         reset_quantizers(self.q)
         self._cached_graph = None
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        share_graph(self, edge_index, x.size(0))
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+        share_graph(self, edge_index, x.size(0), batch)
         adj, weight = self._normalized_graph(edge_index, x.size(0), x.dtype)
         h = self.lin(x)
         return self.propagate(adj, x=h, weight=weight)

@@ -80,8 +80,8 @@ class QGINConv(MessagePassing):
         reset_quantizers(self.q)
         self._cached_adj = None
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        share_graph(self, edge_index, x.size(0))
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+        share_graph(self, edge_index, x.size(0), batch)
         x = self.q("input", x)
         adj = self._neighbour_graph(edge_index, x.size(0), x.dtype)
         return self.nn(self.propagate(adj, x=x))

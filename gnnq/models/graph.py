@@ -59,14 +59,15 @@ class _GraphModel(nn.Module):
         reset(self.convs)
         reset(self.head)
 
-    def _layer(self, k: int, x: Tensor, edge_index: Tensor) -> Tensor:
-        return self.convs[k](x, edge_index)
+    def _layer(self, k: int, x: Tensor, edge_index: Tensor,
+               batch: Optional[Tensor]) -> Tensor:
+        return self.convs[k](x, edge_index, batch)
 
     def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None) -> Tensor:
         if self.embedding is not None:
             x = self.embedding(x.view(-1))  # categorical features: [N] or [N, 1] indices
         for k in range(len(self.convs)):
-            x = self._layer(k, x, edge_index)
+            x = self._layer(k, x, edge_index, batch)
         x = POOLINGS[self.pooling](x, batch)
         x = F.relu(self.head[0](x))
         x = F.dropout(x, p=self.dropout, training=self.training)
@@ -124,5 +125,6 @@ class GraphGCN(_GraphModel):
         super().reset_parameters()
         reset(self.norms)
 
-    def _layer(self, k: int, x: Tensor, edge_index: Tensor) -> Tensor:
-        return F.relu(self.norms[k](self.convs[k](x, edge_index)))
+    def _layer(self, k: int, x: Tensor, edge_index: Tensor,
+               batch: Optional[Tensor]) -> Tensor:
+        return F.relu(self.norms[k](self.convs[k](x, edge_index, batch)))

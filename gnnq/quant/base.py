@@ -84,13 +84,16 @@ class GraphContext:
     """The graph one layer's forward pass runs on, shared by that layer's quantizers.
 
     ``edge_index`` is the graph as the conv received it (``[2, E]``, messages flow from
-    ``edge_index[0]`` to ``edge_index[1]``), ``num_nodes`` its node count. A new context is
-    built for every pass of every conv, so :meth:`cached` values are per pass and per layer.
+    ``edge_index[0]`` to ``edge_index[1]``), ``num_nodes`` its node count, ``batch`` the graph
+    of every node when a mini-batch holds several graphs (``None``: one graph). A new context
+    is built for every pass of every conv, so :meth:`cached` values are per pass and per layer.
     """
 
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int) -> None:
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int,
+                 batch: Optional[torch.Tensor] = None) -> None:
         self.edge_index = edge_index
         self.num_nodes = num_nodes
+        self.batch = batch
         self._cache: dict[str, Any] = {}
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
@@ -105,14 +108,15 @@ class GraphContext:
             self.edge_index[1], minlength=self.num_nodes)[: self.num_nodes])
 
 
-def share_graph(module: nn.Module, edge_index: torch.Tensor, num_nodes: int) -> None:
+def share_graph(module: nn.Module, edge_index: torch.Tensor, num_nodes: int,
+                batch: Optional[torch.Tensor] = None) -> None:
     """Hand one :class:`GraphContext` for this pass to every quantizer under ``module`` that
     ``uses_graph`` (a conv calls it on itself at the start of ``forward``); without such
     quantizers nothing is built."""
     graph: Optional[GraphContext] = None
     for child in module.modules():
         if isinstance(child, Quantizer) and child.uses_graph:
-            graph = graph or GraphContext(edge_index, num_nodes)
+            graph = graph or GraphContext(edge_index, num_nodes, batch)
             child.set_graph(graph)
 
 

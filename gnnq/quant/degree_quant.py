@@ -50,8 +50,8 @@ request and shared by all quantizers of the layer through its
 :class:`~gnnq.quant.base.GraphContext`; a protected node's rows (its rows of node tensors, and
 the rows of the edges that point to it in per-edge tensors) pass through unchanged, in FP32,
 with their ordinary gradient. In eval nothing is protected: every row is quantized. At graph
-level the ranks are taken over the nodes of the whole mini-batch (the authors rank each graph
-on its own).
+level every graph of a mini-batch ranks its own nodes (the graph models hand the convs the
+batch vector), as the authors do.
 
 **Metrics.** ``avg_bits`` is the element-weighted bits of the activation quantizers
 (``counts_in_average``), measured on the last pass: exactly ``bits`` after an eval pass (what
@@ -209,12 +209,25 @@ def fake_quantize(x: Tensor, lo: Tensor, hi: Tensor, bits: int,
 
 
 # -- protection ----------------------------------------------------------------------------
-def protection_probability(in_degree: Tensor, p_min: float, p_max: float) -> Tensor:
+def protection_probability(in_degree: Tensor, p_min: float, p_max: float,
+                           batch: Optional[Tensor] = None) -> Tensor:
     """Per node, ``p_min + (p_max - p_min) * rank / rank_max`` with ``rank`` the number of
-    nodes of lower in-degree (module docstring)."""
-    rank = torch.searchsorted(in_degree.sort().values, in_degree).to(torch.float32)
-    top = rank.max() if rank.numel() else rank.new_zeros(())
-    share = rank / top if top > 0 else torch.zeros_like(rank)
+    nodes of lower in-degree in the node's own graph (``batch``: the graph of every node of a
+    mini-batch; ``None``: one graph) and ``rank_max`` the largest rank in that graph."""
+    if batch is None:
+        batch = torch.zeros_like(in_degree)
+    # Sort by (graph, in-degree): the nodes before a node's first (graph, in-degree) tie,
+    # less those of earlier graphs, have a lower in-degree in its graph.
+    span = int(in_degree.max()) + 1 if in_degree.numel() else 1
+    start = batch.to(torch.int64) * span
+    key = start + in_degree.to(torch.int64)
+    sorted_key = key.sort().values
+    first_of_graph = torch.searchsorted(sorted_key, start)
+    rank = (torch.searchsorted(sorted_key, key) - first_of_graph).to(torch.float32)
+    graphs = int(batch.max()) + 1 if batch.numel() else 0
+    top = rank.new_zeros(graphs).scatter_reduce(0, batch.long(), rank, "amax")
+    top = top[batch.long()]
+    share = torch.where(top > 0, rank / top.clamp_min(1), torch.zeros_like(rank))
     return p_min + (p_max - p_min) * share
 
 
@@ -222,7 +235,8 @@ def protected_nodes(graph: GraphContext, p_min: float, p_max: float) -> Tensor:
     """The Bernoulli protection mask of this pass and layer, ``[num_nodes]`` bool: drawn once
     and cached in ``graph``, so every quantizer of the layer sees the same nodes protected."""
     def draw() -> Tensor:
-        return torch.bernoulli(protection_probability(graph.in_degree(), p_min, p_max)).bool()
+        return torch.bernoulli(protection_probability(graph.in_degree(), p_min, p_max,
+                                                      graph.batch)).bool()
 
     return graph.cached(f"degree_quant.mask[{p_min},{p_max}]", draw)
 
