@@ -453,8 +453,7 @@ def aggregation_methods(g: BenchGraph, F: int, cfg: BenchConfig, backend, device
     out_bytes = 4.0 * n * F
     methods: list[Method] = []
     rowptr_d, col_d, dinv_d = g.rowptr.to(device), g.col.to(device), g.deg_inv_sqrt.to(device)
-    dst = torch.repeat_interleave(torch.arange(n), g.rowptr[1:] - g.rowptr[:-1])
-    edge_w = g.deg_inv_sqrt[g.col.long()] * g.deg_inv_sqrt[dst]
+    edge_w = g.edge_weight
     x_d = x.to(device)
     if "fp32" in cfg.precisions or cfg.check:
         adj = _csr_tensor(g.rowptr.to(device), g.col.to(device), edge_w.to(device), n)
@@ -466,7 +465,7 @@ def aggregation_methods(g: BenchGraph, F: int, cfg: BenchConfig, backend, device
         if "pyg" in cfg.baselines:
             need = 2.0 * e * F * 4
             prop = _pyg_propagate()
-            edge_index = torch.stack([g.col.long(), dst]).to(device)
+            edge_index = torch.stack([g.col.long(), g.destinations]).to(device)
             w_d = edge_w.to(device)
             m = Method("pyg", "FP32 PyG propagate (gather-scatter)",
                        lambda: prop(x_d, edge_index, w_d),
@@ -533,9 +532,7 @@ def gcn_end_to_end(g: BenchGraph, F: int, cfg: BenchConfig, backend, device,
     widths = [F, F, g.classes]
     weights = [torch.randn(o, i, generator=gen) / math.sqrt(i) for i, o in zip(widths, widths[1:])]
     biases = [0.1 * torch.randn(o, generator=gen) for o in widths[1:]]
-    dst = torch.repeat_interleave(torch.arange(n), g.rowptr[1:] - g.rowptr[:-1])
-    adj = _csr_tensor(g.rowptr.to(device), g.col.to(device),
-                      (g.deg_inv_sqrt[g.col.long()] * g.deg_inv_sqrt[dst]).to(device), n)
+    adj = _csr_tensor(g.rowptr.to(device), g.col.to(device), g.edge_weight.to(device), n)
     x_d = x.to(device)
     w_d = [w.to(device) for w in weights]
     b_d = [b.to(device) for b in biases]

@@ -69,10 +69,6 @@ def summaries(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
-def pooled_runs(folder: Path) -> list[dict]:
-    return [run for part in summaries(folder) for run in part["runs"]]
-
-
 def fmt(runs: list[dict], key: str, digits: int = 2) -> str:
     if not runs:
         return "–"
@@ -88,6 +84,11 @@ def pooled(folder: Path) -> Optional[dict]:
         return None
     return {**parts[0], "runs": [r for p in parts for r in p["runs"]],
             "seconds": sum(p["seconds"] for p in parts)}
+
+
+def pooled_runs(folder: Path) -> list[dict]:
+    job = pooled(folder)
+    return job["runs"] if job else []
 
 
 def machine(folders: Iterable[Path]) -> str:

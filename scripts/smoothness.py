@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from common import OUTPUTS, ROOT, machine, pooled, run_all
+from common import OUTPUTS, ROOT, fmt, machine, pooled, run_all
 
 from gnnq.train.metrics import mean_std
 
@@ -87,8 +87,7 @@ def cell(s: Optional[dict], key: str = "test") -> str:
         error = s.get("error", "")
         epoch = re.search(r"nan at epoch (\d+)", error)
         return f"diverged (NaN loss, epoch {epoch.group(1)})" if epoch else "failed"
-    mean, std = mean_std(r[key] for r in s["runs"])
-    return f"{mean:.2f} ± {std:.2f}"
+    return fmt(s["runs"], key)
 
 
 def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:

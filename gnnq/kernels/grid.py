@@ -105,6 +105,14 @@ class Grid:
         zero = self._expand(self.zero_point, codes.shape).to(dtype)
         return self._expand(self.scale, codes.shape).to(dtype) * (codes.to(dtype) - zero)
 
+    def to(self, device) -> "Grid":
+        """This grid with its tensors on ``device`` (itself when they are there already)."""
+        if self.scale.device == torch.device(device):
+            return self
+        return Grid(self.axis, self.bits.to(device), self.scale.to(device),
+                    self.zero_point.to(device), self.umin.to(device), self.umax.to(device),
+                    self.rounding)
+
     def row_bits(self, rows: int) -> Tensor | int:
         """Bits per row for packing: an int (uniform) or an int32 ``[rows]``."""
         uniform = self.uniform_bits

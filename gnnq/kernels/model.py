@@ -21,6 +21,7 @@ groups of equal bitwidth (:mod:`gnnq.kernels.packing`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -50,6 +51,18 @@ class PackedGraph:
     @property
     def num_edges(self) -> int:
         return self.col.numel()
+
+    @cached_property
+    def destinations(self) -> Tensor:
+        """The destination node of every stored edge, ``[nnz]`` (the CSR rows expanded)."""
+        return torch.repeat_interleave(torch.arange(self.num_nodes, device=self.col.device),
+                                       self.rowptr[1:] - self.rowptr[:-1])
+
+    @cached_property
+    def edge_weight(self) -> Tensor:
+        """``d_j^{-1/2} d_i^{-1/2}`` of every stored edge ``j -> i``: the GCN normalisation,
+        multiplied in the order :func:`gnnq.models.gcn_conv.gcn_norm` uses."""
+        return self.deg_inv_sqrt[self.col.long()] * self.deg_inv_sqrt[self.destinations]
 
     def to(self, device) -> "PackedGraph":
         return PackedGraph(self.rowptr.to(device), self.col.to(device),
@@ -95,8 +108,7 @@ def sort_within_rows(rowptr: Tensor, col: Tensor) -> Tensor:
 def _requantize(y: Tensor, grid: Optional[Grid]) -> Tensor:
     if grid is None:
         return y
-    g = Grid(grid.axis, grid.bits, grid.scale.to(y.device), grid.zero_point.to(y.device),
-             grid.umin.to(y.device), grid.umax.to(y.device), grid.rounding)
+    g = grid.to(y.device)
     return g.dequantize(g.quantize(y))
 
 
@@ -107,19 +119,16 @@ def message_sum(h: Tensor, graph: PackedGraph, grid: Grid) -> Tensor:
     PyTorch ops on any device, in edge chunks (no packed kernel computes per-edge
     requantization)."""
     dev = h.device
-    rowptr, col = graph.rowptr.to(dev), graph.col.to(dev).long()
-    dinv = graph.deg_inv_sqrt.to(dev)
-    n = rowptr.numel() - 1
-    dst = torch.repeat_interleave(torch.arange(n, device=dev), rowptr[1:] - rowptr[:-1])
-    g = Grid(grid.axis, grid.bits, grid.scale.to(dev), grid.zero_point.to(dev),
-             grid.umin.to(dev), grid.umax.to(dev), grid.rounding)
+    col, dst, weight = graph.col.to(dev).long(), graph.destinations.to(dev), \
+        graph.edge_weight.to(dev)
+    g = grid.to(dev)
     zero = g.zero_point.to(torch.int64).view(1, -1)
-    sums = torch.zeros(n, h.size(1), dtype=torch.int64, device=dev)
+    sums = torch.zeros(graph.num_nodes, h.size(1), dtype=torch.int64, device=dev)
     for start in range(0, col.numel(), MESSAGE_CHUNK):
-        j, i = col[start:start + MESSAGE_CHUNK], dst[start:start + MESSAGE_CHUNK]
+        chunk = slice(start, start + MESSAGE_CHUNK)
         # The same float32 product as the fake-quantized layer: (d_j^-1/2 d_i^-1/2) h_j.
-        m = (dinv[j] * dinv[i]).view(-1, 1) * h[j]
-        sums.index_add_(0, i, g.quantize(m).to(torch.int64) - zero)
+        m = weight[chunk].view(-1, 1) * h[col[chunk]]
+        sums.index_add_(0, dst[chunk], g.quantize(m).to(torch.int64) - zero)
     return (sums.to(torch.float64) * g.scale.to(torch.float64).view(1, -1)).to(torch.float32)
 
 
@@ -282,10 +291,8 @@ class PackedSMPProp:
         if key not in self._cache:
             from gnnq.models.smp_prop import normalized_incidence
 
-            n = graph.num_nodes
-            dst = torch.repeat_interleave(torch.arange(n, device=graph.col.device),
-                                          graph.rowptr[1:] - graph.rowptr[:-1])
-            self._cache[key] = normalized_incidence(torch.stack([graph.col.long(), dst]), n)
+            edges = torch.stack([graph.col.long(), graph.destinations])
+            self._cache[key] = normalized_incidence(edges, graph.num_nodes)
         return self._cache[key]
 
     def forward(self, h: Tensor, graph: PackedGraph, backend) -> Tensor:
