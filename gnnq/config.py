@@ -127,7 +127,9 @@ class ModelConfig:
     # eta_H), "smp" or plain "appnp" propagation (multiplier held at 0), the correction
     # direction ("laplacian": the exact gradient L~Delta; "adjacency": the official code's
     # A~Delta), the change-energy budget per nonzero of A~ (c = threshold * nnz), and the
-    # step sizes of the multiplier and the slack (gnnq/models/smp_prop.py).
+    # step sizes of the multiplier and the slack, and an optional bound |lambda| <= b
+    # (None: unbounded, as in the paper; 1/(4 alpha) keeps deep propagation stable)
+    # (gnnq/models/smp_prop.py).
     steps: int = 10
     alpha: float = 0.1
     propagation: str = "smp"
@@ -135,6 +137,7 @@ class ModelConfig:
     threshold: float = 0.1
     multiplier_lr: float = 1.0e-5
     slack_lr: float = 1.0e-5
+    multiplier_bound: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, MODELS)
@@ -144,6 +147,8 @@ class ModelConfig:
         check_choice("model.correction", self.correction, ("laplacian", "adjacency"))
         for key in ("threshold", "multiplier_lr", "slack_lr"):
             check_range(f"model.{key}", getattr(self, key), 0.0)
+        if self.multiplier_bound is not None:
+            check_range("model.multiplier_bound", self.multiplier_bound, 0.0)
         check_range("model.hidden", self.hidden, 1)
         check_range("model.layers", self.layers, 1)
         check_range("model.dropout", self.dropout, 0.0, 1.0)

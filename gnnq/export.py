@@ -317,6 +317,7 @@ def pack_smp(model: nn.Module, edge_index: Tensor, num_nodes: int,
         correction=prop.correction, threshold=prop.threshold,
         multiplier_lr=prop.multiplier_lr, slack_lr=prop.slack_lr,
         multiplier_init=prop.multiplier_init, slack_init=prop.slack_init,
+        multiplier_bound=prop.multiplier_bound,
         base=steps["base"], gap=steps["gap"])
     graph = PackedGraph.gcn(edge_index, num_nodes)
     return PackedModel(graph, layers, architecture="smp", propagation=packed_prop), mismatches

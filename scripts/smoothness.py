@@ -44,10 +44,14 @@ DEPTHS = (2, 4, 8, 16, 32, 64)
 DEPTH_BITS = ("fp32", "int4", "int2_btstar")
 GROUPS = ("cora", "datasets", "depth")
 PROPAGATIONS = ("smp", "appnp")
+# The depth sweep's extra SMP row: the multiplier clipped to |λ| ≤ 1/(4α) (α = 0.1 in every
+# preset), the bound under which the correction never reverses a frequency of the change.
+MULTIPLIER_BOUND = 2.5
+BOUNDED = f"SMP, \\|λ\\| ≤ {MULTIPLIER_BOUND:g}"  # its row label (Markdown-escaped bars)
 
 
 def job(preset: str, propagation: str = "smp", steps: Optional[int] = None,
-        gcn: bool = False) -> tuple[str, list[str]]:
+        gcn: bool = False, bounded: bool = False) -> tuple[str, list[str]]:
     """(job folder name, overrides) of one job."""
     overrides, name = [f"+experiment={preset}"], preset
     if gcn:  # a stacked deep GCN at the same bits and depth, same training settings
@@ -60,6 +64,9 @@ def job(preset: str, propagation: str = "smp", steps: Optional[int] = None,
         if steps is not None:
             overrides.append(f"model.steps={steps}")
             name += f"-k{steps}"
+        if bounded:
+            overrides.append(f"model.multiplier_bound={MULTIPLIER_BOUND}")
+            name += "-bounded"
     return name, overrides
 
 
@@ -71,6 +78,7 @@ def jobs(group: str) -> list[tuple[str, list[str]]]:
                 for p in PROPAGATIONS]
     return [pair for b in DEPTH_BITS for k in DEPTHS
             for pair in (job(f"smooth_smp_cora_{b}", "smp", k),
+                         job(f"smooth_smp_cora_{b}", "smp", k, bounded=True),
                          job(f"smooth_smp_cora_{b}", "appnp", k),
                          job(f"smooth_smp_cora_{b}", steps=k, gcn=True))]
 
@@ -150,6 +158,8 @@ def depth_results() -> dict[tuple[str, str], dict[int, Optional[dict]]]:
     for suffix in DEPTH_BITS:
         preset = f"smooth_smp_cora_{suffix}"
         out[(suffix, "SMP")] = {k: summary(job(preset, "smp", k)[0]) for k in DEPTHS}
+        out[(suffix, BOUNDED)] = {k: summary(job(preset, "smp", k, bounded=True)[0])
+                                  for k in DEPTHS}
         out[(suffix, "APPNP")] = {k: summary(job(preset, "appnp", k)[0]) for k in DEPTHS}
         out[(suffix, "GCN")] = {k: summary(job(preset, steps=k, gcn=True)[0]) for k in DEPTHS}
     return out
@@ -164,12 +174,13 @@ def depth_table(results) -> tuple[str, list[str]]:
             continue
         rows.append(f"| {CORA[suffix][0]} | {model} | "
                     + " | ".join(cell(by_k[k]) for k in DEPTHS) + " |")
-        if model == "SMP" and by_k.get(64) is not None:
+        if model in ("SMP", BOUNDED) and by_k.get(64) is not None:
             finished = [mean_of(s) for s in by_k.values() if mean_of(s) is not None]
             if mean_of(by_k[64]) is None:
-                notes.append(f"{CORA[suffix][0]} SMP: K = 64 did not train ({cell(by_k[64])})")
+                notes.append(f"{CORA[suffix][0]} {model}: K = 64 did not train "
+                             f"({cell(by_k[64])})")
             else:
-                notes.append(f"{CORA[suffix][0]} SMP: K = 64 is "
+                notes.append(f"{CORA[suffix][0]} {model}: K = 64 is "
                              f"{max(finished) - mean_of(by_k[64]):.2f} pp below its best K")
     if any(cell(s).startswith("diverged") for (_, model), by_k in results.items()
            if model == "SMP" for s in by_k.values()):
@@ -191,7 +202,7 @@ def depth_plot(results) -> Optional[Path]:
 
     fig, axes = plt.subplots(1, len(DEPTH_BITS), figsize=(4.2 * len(DEPTH_BITS), 3.6),
                              sharey=True)
-    styles = {"SMP": "o-", "APPNP": "s--", "GCN": "^:"}
+    styles = {"SMP": "o-", BOUNDED: "D-", "APPNP": "s--", "GCN": "^:"}
     for ax, suffix in zip(axes, DEPTH_BITS):
         for model, style in styles.items():
             by_k = results[(suffix, model)]
@@ -200,7 +211,8 @@ def depth_plot(results) -> Optional[Path]:
                 continue
             stats = [mean_std(r["test"] for r in by_k[k]["runs"]) for k in ks]
             ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=style,
-                        capsize=3, label=model if model != "GCN" else "deep GCN (K layers)")
+                        capsize=3, label={"GCN": "deep GCN (K layers)",
+                                          BOUNDED: BOUNDED.replace("\\", "")}.get(model, model))
         ax.set_xscale("log", base=2)
         ax.set_xticks(DEPTHS, [str(k) for k in DEPTHS])
         ax.set_title(f"Cora, {CORA[suffix][0]}")

@@ -42,9 +42,10 @@ def test_train_help_and_cfg(tmp_path):
     ("model.widht=3", ["model.widht", "hidden", "dropout"]),
     ("seeds=3", ["seeds", "seed", "runs", "dataset"]),
     ("trainer.scheduler.gama=3", ["trainer.scheduler.gama", "gamma", "step_size"]),
+    ("model=smp model.multiplier_bound=-1", ["model.multiplier_bound", "-1", ">= 0"]),
 ])
 def test_bad_config_values(tmp_path, override, fragments):
-    proc = run_gnnq("train", override, "tracking=none", f"hydra.run.dir={tmp_path}/out",
+    proc = run_gnnq("train", *override.split(), "tracking=none", f"hydra.run.dir={tmp_path}/out",
                     cwd=tmp_path)
     assert_clean_error(proc, *fragments)
 

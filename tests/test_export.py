@@ -340,6 +340,7 @@ def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, t
     model = build_model(ModelConfig(name="smp", steps=3, propagation=propagation), task,
                         build_quantizers({"name": "smoothness", "bits": 4}, task))
     model.prop.multiplier_init = 0.5  # a correction large enough to matter in every logit
+    model.prop.multiplier_bound = 0.3  # ... clipped from the first update on
     g = task.graph
     model.train()
     with torch.no_grad():
@@ -359,6 +360,7 @@ def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, t
     assert len(packed.propagation.gap) == (3 if propagation == "smp" else 0)
     fmt.save(packed, tmp_path / "smp.safetensors")
     loaded = fmt.load(tmp_path / "smp.safetensors")
+    assert loaded.propagation.multiplier_bound == 0.3
     for name in ("reference", "cpu"):
         logits = loaded.forward(g.x, get_backend(name))
         assert torch.equal(logits, packed.forward(g.x, get_backend(name))), name

@@ -277,6 +277,26 @@ def test_multiplier_rises_under_budget_and_falls_over_it():
                                      strict.trace["multiplier"]))
 
 
+def test_multiplier_bound_clips_lambda_and_keeps_deep_propagation_finite():
+    lam, slack = torch.tensor(0.001), torch.tensor(0.001)
+    clipped, _ = multiplier_step(lam, slack, torch.tensor(1e6), budget=0.0,
+                                 multiplier_lr=1e-5, slack_lr=1e-5, bound=2.5)
+    assert clipped.item() == -2.5
+    inside, _ = multiplier_step(lam, slack, torch.tensor(1.0), 0.0, 1e-5, 1e-5, bound=2.5)
+    assert inside.item() == multiplier_step(lam, slack, torch.tensor(1.0), 0.0, 1e-5, 1e-5)[0]
+    # Large features put the first step's change energy far over budget: the unbounded
+    # multiplier drops below -1/(2 alpha), the correction amplifies the change's
+    # high frequencies at every step and 64 steps overflow; the bounded one stays finite.
+    n = 40
+    edge_index, h = small_graph(n, edges=120, seed=7), 300 * torch.randn(n, 4)
+    unbounded = SMPProp(64, threshold=0.0)
+    assert not torch.isfinite(unbounded(h, edge_index)).all()
+    bounded = SMPProp(64, threshold=0.0, multiplier_bound=2.5)
+    out = bounded(h, edge_index)
+    assert torch.isfinite(out).all() and min(bounded.trace["multiplier"]) == -2.5
+    assert out.abs().max() <= h.abs().max()
+
+
 @pytest.mark.parametrize("correction, exact", [("laplacian", True), ("adjacency", False)])
 def test_laplacian_correction_is_the_exact_lagrangian_gradient(correction, exact):
     """X_{k+1} = X~ - eta * d/dX [lambda (c - s^2 - g(X - X_k))] at X = X~ (descent in X)."""

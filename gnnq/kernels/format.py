@@ -43,6 +43,7 @@ applied to every edge's product), ``aggregate``, ``update`` the model quantizes
                "propagation": {"steps": K, "alpha": .., "propagation": "smp"|"appnp",
                                "correction": .., "threshold": .., "multiplier_lr": ..,
                                "slack_lr": .., "multiplier_init": .., "slack_init": ..,
+                               "multiplier_bound": null | ..,
                                "base": [{ROLE: grid header}] * K, "gap": [...]}  (smp only)},
      "graph": {"num_nodes": N, "num_edges": nnz, "self_loops": true,
                "normalization": "symmetric (D^-1/2 folded into per-node factors)"},
@@ -339,6 +340,12 @@ def _propagation(r: _Reader, model: dict, tensors: dict[str, Tensor],
     constants = {k: _key(r, meta, k, (int, float), "model.propagation")
                  for k in ("alpha", "threshold", "multiplier_lr", "slack_lr",
                            "multiplier_init", "slack_init")}
+    # Absent in files written before the bound existed: unbounded.
+    bound = meta.get("multiplier_bound")
+    if bound is not None and (not isinstance(bound, (int, float)) or bound < 0):
+        raise r.fail(f"model.propagation.multiplier_bound is {bound!r}",
+                     "null or a number >= 0")
+    constants["multiplier_bound"] = bound
     kind = meta.get("propagation")
     correction = meta.get("correction")
     if kind not in ("smp", "appnp") or correction not in ("laplacian", "adjacency"):

@@ -269,6 +269,7 @@ class PackedSMPProp:
     slack_lr: float
     multiplier_init: float
     slack_init: float
+    multiplier_bound: Optional[float]
     base: list[dict[str, Grid]]   # per step: the grids of the roles that are quantized
     gap: list[dict[str, Grid]]    # per step (SMP only)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -276,7 +277,7 @@ class PackedSMPProp:
     def constants(self) -> dict:
         return {k: getattr(self, k) for k in (
             "steps", "alpha", "propagation", "correction", "threshold", "multiplier_lr",
-            "slack_lr", "multiplier_init", "slack_init")}
+            "slack_lr", "multiplier_init", "slack_init", "multiplier_bound")}
 
     def product(self, x: Tensor, graph: PackedGraph, grids: dict[str, Grid], backend) -> Tensor:
         if "message" in grids:
@@ -314,7 +315,8 @@ class PackedSMPProp:
             x_next = x_tilde + 2 * a * multiplier * direction
             energy = change_energy(delta, incidence.to(delta.device))
             multiplier, slack = multiplier_step(multiplier, slack, energy, budget,
-                                                self.multiplier_lr, self.slack_lr)
+                                                self.multiplier_lr, self.slack_lr,
+                                                self.multiplier_bound)
             x = x_next
         return x
 

@@ -67,6 +67,7 @@ def _node_model(cfg: ModelConfig, task: Task, out_channels: int,
                    steps=cfg.steps, alpha=cfg.alpha, propagation=cfg.propagation,
                    correction=cfg.correction, threshold=cfg.threshold,
                    multiplier_lr=cfg.multiplier_lr, slack_lr=cfg.slack_lr,
+                   multiplier_bound=cfg.multiplier_bound,
                    quantizers=quantizers, num_nodes=task.graph.num_nodes)
     raise choice_error("model", cfg.name, NODE_MODELS)
 

@@ -33,6 +33,7 @@ class SMP(nn.Module):
                  dropout: float = 0.5, steps: int = 10, alpha: float = 0.1,
                  propagation: str = "smp", correction: str = "laplacian",
                  threshold: float = 0.1, multiplier_lr: float = 1e-5, slack_lr: float = 1e-5,
+                 multiplier_bound: Optional[float] = None,
                  quantizers: Optional[QuantizerFactory] = None,
                  num_nodes: Optional[int] = None, cached: bool = True) -> None:
         super().__init__()
@@ -50,7 +51,8 @@ class SMP(nn.Module):
                 gap.append(make(f"prop.gap.{k}", "prop", 2 + k, out_channels, out_channels))
         self.prop = SMPProp(steps, alpha=alpha, propagation=propagation, correction=correction,
                             threshold=threshold, multiplier_lr=multiplier_lr,
-                            slack_lr=slack_lr, base_quantizers=base, gap_quantizers=gap,
+                            slack_lr=slack_lr, multiplier_bound=multiplier_bound,
+                            base_quantizers=base, gap_quantizers=gap,
                             cached=cached)
 
     def reset_parameters(self) -> None:

@@ -102,7 +102,13 @@ class SMPProp(MessagePassing):
     :math:`\eta_H = 0.1, \mu = 9`). **Sign convention:** :math:`\lambda` rises while the
     change energy is under budget (:math:`g + s^2 < c`) and falls when it is over; a
     positive :math:`\lambda` pushes the change toward more energy, a negative one smooths
-    it; no projection keeps :math:`\lambda \ge 0`. ``correction="laplacian"``
+    it; no projection keeps :math:`\lambda \ge 0`. ``multiplier_bound`` (off by default, as in
+    the spec) clips :math:`\lambda` to :math:`[-b, b]` after each update: the step is
+    :math:`\mathbf{X}^{(k+1)} = \mathbf{X}^{(k)} + (\mathbf{I} + 2\alpha\lambda\tilde{\mathbf{L}})
+    \boldsymbol{\Delta}` and :math:`\tilde{\mathbf{L}}` has eigenvalues in :math:`[0, 2)`, so
+    :math:`b = 1/(4\alpha)` keeps the correction from reversing any frequency of the change
+    (the multiplier's first update scales with :math:`\|\mathbf{H}\|^2`, and at depth 32-64
+    an unbounded one overflows training). ``correction="laplacian"``
     (:math:`\tilde{\mathbf{L}}\boldsymbol{\Delta}`, default) is the exact gradient of that
     Lagrangian; ``"adjacency"`` (:math:`\tilde{\mathbf{A}}\boldsymbol{\Delta}`) is what the
     official code does. :math:`\lambda` and :math:`s` are scalars (the code's per-node
@@ -134,6 +140,8 @@ class SMPProp(MessagePassing):
         slack_lr (float, optional): :math:`\eta_s`. (default: :obj:`1e-5`)
         multiplier_init (float, optional): :math:`\lambda_0`. (default: :obj:`0.001`)
         slack_init (float, optional): :math:`s_0`. (default: :obj:`0.001`)
+        multiplier_bound (float, optional): :math:`b`, clip :math:`|\lambda| \le b`.
+            (default: :obj:`None`, unbounded)
         base_quantizers (sequence of RoleQuantizers, optional): The quantizers of each
             step's base product (:math:`K` of them). (default: :obj:`None`, FP32)
         gap_quantizers (sequence of RoleQuantizers, optional): The quantizers of each
@@ -155,6 +163,7 @@ class SMPProp(MessagePassing):
                  correction: str = "laplacian", threshold: float = 0.1,
                  multiplier_lr: float = 1e-5, slack_lr: float = 1e-5,
                  multiplier_init: float = 1e-3, slack_init: float = 1e-3,
+                 multiplier_bound: Optional[float] = None,
                  base_quantizers: Optional[Sequence[RoleQuantizers]] = None,
                  gap_quantizers: Optional[Sequence[RoleQuantizers]] = None,
                  cached: bool = False) -> None:
@@ -167,6 +176,7 @@ class SMPProp(MessagePassing):
         self.propagation, self.correction = propagation, correction
         self.threshold, self.multiplier_lr, self.slack_lr = threshold, multiplier_lr, slack_lr
         self.multiplier_init, self.slack_init = multiplier_init, slack_init
+        self.multiplier_bound = multiplier_bound
         self.cached = cached
         self.base = self._quantizer_list(base_quantizers, steps)
         smp = propagation == "smp"
@@ -228,7 +238,8 @@ class SMPProp(MessagePassing):
             x_next = x_tilde + 2 * a * multiplier * direction
             energy = change_energy(delta, graph.incidence)
             multiplier, slack = multiplier_step(multiplier, slack, energy, budget,
-                                                self.multiplier_lr, self.slack_lr)
+                                                self.multiplier_lr, self.slack_lr,
+                                                self.multiplier_bound)
             trace["multiplier"].append(float(multiplier.detach()))
             trace["energy"].append(float(energy.detach()))
             x = x_next
@@ -260,7 +271,8 @@ class SMPProp(MessagePassing):
 
     def extra_repr(self) -> str:
         return (f"steps={self.steps}, alpha={self.alpha}, propagation={self.propagation}, "
-                f"correction={self.correction}, threshold={self.threshold}")
+                f"correction={self.correction}, threshold={self.threshold}, "
+                f"multiplier_bound={self.multiplier_bound}")
 
 
 def change_energy(delta: Tensor, incidence: Tensor) -> Tensor:
@@ -270,11 +282,15 @@ def change_energy(delta: Tensor, incidence: Tensor) -> Tensor:
 
 
 def multiplier_step(multiplier: Tensor, slack: Tensor, energy: Tensor, budget: float,
-                    multiplier_lr: float, slack_lr: float) -> tuple[Tensor, Tensor]:
+                    multiplier_lr: float, slack_lr: float,
+                    bound: Optional[float] = None) -> tuple[Tensor, Tensor]:
     r"""One basic-differential-multiplier update of :math:`\mathcal{L} = f + \lambda(c - s^2
     - g)`: descent in the slack, :math:`s \leftarrow s + 2\eta_s\lambda s`, then ascent in
-    the multiplier, :math:`\lambda \leftarrow \lambda + \eta_\lambda(c - s^2 - g)`. The
-    multiplier rises while :math:`g + s^2 < c` and falls otherwise."""
+    the multiplier, :math:`\lambda \leftarrow \lambda + \eta_\lambda(c - s^2 - g)`, clipped
+    to :math:`[-b, b]` when a ``bound`` is given. The multiplier rises while
+    :math:`g + s^2 < c` and falls otherwise."""
     slack = slack + 2 * slack_lr * multiplier * slack
     multiplier = multiplier + multiplier_lr * (budget - slack.pow(2) - energy)
+    if bound is not None:
+        multiplier = multiplier.clamp(-bound, bound)
     return multiplier, slack
