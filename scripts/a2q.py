@@ -79,7 +79,7 @@ ABLATIONS = {
         ("uniform 3 bits", "ablation_gcn_cora_uniform_3",
          PARETO_SWEEP[:2] + ["quant.learn_bits=false", "quant.init_bits=3"]),
     ]),
-    "budget_form": ("Official KB memory target vs a bit budget (GIN presets)", [
+    "budget_form": ("Official KB memory target vs a bit budget (GIN and GAT presets)", [
         ("GIN-Cora, KB target (preset)", "a2q_gin_cora", ["+experiment=a2q_gin_cora"]),
         ("GIN-Cora, bit budget 2.5", "ablation_gin_cora_budget_2.5",
          ["+experiment=a2q_gin_cora", "quant.memory_target_kb=null", "quant.bit_budget=2.5"]),
@@ -88,6 +88,9 @@ ABLATIONS = {
         ("GIN-CiteSeer, bit budget 2.5", "ablation_gin_citeseer_budget_2.5",
          ["+experiment=a2q_gin_citeseer", "quant.memory_target_kb=null",
           "quant.bit_budget=2.5"]),
+        ("GAT-Cora, KB target (preset)", "a2q_gat_cora", ["+experiment=a2q_gat_cora"]),
+        ("GAT-Cora, bit budget 2.5", "ablation_gat_cora_budget_2.5",
+         ["+experiment=a2q_gat_cora", "quant.memory_target_kb=null", "quant.bit_budget=2.5"]),
     ]),
     "nns": ("Nearest Neighbor Strategy vs one shared quantizer (GIN-REDDIT-BINARY preset)", [
         ("NNS, m = 1000 (preset)", "a2q_gin_reddit_binary", ["+experiment=a2q_gin_reddit_binary"]),

@@ -98,6 +98,13 @@ def cell(s: Optional[dict], key: str = "test") -> str:
     return fmt(s["runs"], key)
 
 
+def last_logged_multiplier(name: str) -> Optional[float]:
+    """The last per-epoch ``multiplier_min`` a job's log shows (its training pass), if any."""
+    log = OUT / name / "gnnq.log"
+    found = re.findall(r"multiplier_min (\S+)", log.read_text()) if log.exists() else []
+    return float(found[-1]) if found else None
+
+
 def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:
     return None if s is None or not s["runs"] else mean_std(r[key] for r in s["runs"])[0]
 
@@ -182,14 +189,25 @@ def depth_table(results) -> tuple[str, list[str]]:
             else:
                 notes.append(f"{CORA[suffix][0]} {model}: K = 64 is "
                              f"{max(finished) - mean_of(by_k[64]):.2f} pp below its best K")
-    if any(cell(s).startswith("diverged") for (_, model), by_k in results.items()
-           if model == "SMP" for s in by_k.values()):
-        notes.append("where SMP diverges, the likely cause is that nothing bounds the "
-                     "multiplier: with the INT4 "
-                     "preset's budget (τ = 1e-5, c ≈ 0.13) the change energy is always over "
-                     "budget, so λ falls at every step (see the multiplier table), and over "
-                     "32-64 steps the correction 2αλ·L̃Δ grows until training overflows; APPNP "
-                     "(λ ≡ 0) at the same depths is the contrast")
+    for (suffix, model), by_k in results.items():
+        for k, s in by_k.items():
+            lam = last_logged_multiplier(job(f"smooth_smp_cora_{suffix}", "smp", k)[0])
+            if model == "SMP" and cell(s).startswith("diverged") and lam is not None:
+                notes.append(
+                    f"{CORA[suffix][0]} SMP, K = {k} diverged with the training pass's "
+                    f"multiplier already at {lam:.2f} on its last log line before the NaN "
+                    f"(`multiplier_min`, "
+                    f"outputs/smoothness/{job(f'smooth_smp_cora_{suffix}', 'smp', k)[0]}/gnnq.log)")
+    if any(note.endswith("gnnq.log)") for note in notes):
+        notes.append(
+            "the multiplier's first update is η_λ·(c − g₁), g₁ the change energy of step 1, "
+            "which grows with the square of the logits' scale; at depth the MLP learns larger "
+            "logits (K steps of smoothing follow it), g₁ ≫ c ≈ 0.13, and during training λ "
+            f"falls past −1/(4α) = −{MULTIPLIER_BOUND:g}. The step is X + (I + 2αλL̃)Δ and "
+            "L̃'s eigenvalues reach 2, so past −1/(2α) = −5 the correction amplifies the change's "
+            f"highest frequencies and the loss overflows. Clipping |λ| ≤ {MULTIPLIER_BOUND:g} "
+            f"(`model.multiplier_bound={MULTIPLIER_BOUND:g}`, row \"{BOUNDED}\") is identical "
+            "where the bound never binds and trains at every depth")
     return "\n".join(rows), notes
 
 
@@ -235,10 +253,15 @@ def multiplier_table() -> str:
     from gnnq.export import load_checkpoint, model_from_checkpoint
     from gnnq.models import SMPProp
 
-    rows = ["| bits | budget c | λ after step 1 → K (min, max) | change energy g, step 1 → K | "
-            "max \\|2αλ\\| |", "|---|---|---|---|---|"]
-    for suffix, (label, _, _) in CORA.items():
-        path = OUT / job(f"smooth_smp_cora_{suffix}")[0] / "checkpoints" / "run0.pt"
+    rows = ["| bits | K | budget c | λ after step 1 → K (min, max) | change energy g, step 1 → K | "
+            "max \\|2αλ\\| |", "|---|---|---|---|---|---|"]
+    runs = [(label, "10", job(f"smooth_smp_cora_{suffix}")[0])
+            for suffix, (label, _, _) in CORA.items()]
+    runs.append(("INT4", "16", job("smooth_smp_cora_int4", "smp", 16)[0]))
+    runs += [("INT4", f"{k}, {BOUNDED}", job("smooth_smp_cora_int4", "smp", k, bounded=True)[0])
+             for k in (16, 32, 64)]
+    for label, steps, name in runs:
+        path = OUT / name / "checkpoints" / "run0.pt"
         if not path.exists():
             continue
         model, task, _ = model_from_checkpoint(load_checkpoint(path), path)
@@ -248,7 +271,7 @@ def multiplier_table() -> str:
         lam, energy = prop.trace["multiplier"], prop.trace["energy"]
         budget = prop.threshold * prop.graph(task.graph.edge_index, task.graph.num_nodes,
                                              task.graph.x.dtype).nnz
-        rows.append(f"| {label} | {budget:.3g} | {lam[0]:+.4f} → {lam[-1]:+.4f} "
+        rows.append(f"| {label} | {steps} | {budget:.3g} | {lam[0]:+.4f} → {lam[-1]:+.4f} "
                     f"({min(lam):+.4f}, {max(lam):+.4f}) | {energy[0]:.3g} → {energy[-1]:.3g} | "
                     f"{max(abs(2 * prop.alpha * v) for v in lam):.4f} |")
     return "\n".join(rows) if len(rows) > 2 else "(no Cora SMP checkpoints yet)"
@@ -290,7 +313,8 @@ run on a 2-core CPU shared with other jobs (an upper bound). {machine(sorted(OUT
 
 The correction SMP adds to each APPNP step is `2αλ·L̃Δ`, so it matters only as far as the
 multiplier λ moves from 0. With the released constants (λ₀ = 0.001, η_λ = 1e-5, c = τ·nnz(Ã))
-it stays small:
+it stays small at K = 10 (the selected checkpoint, eval pass; every epoch's training-pass range
+is logged as `multiplier_min` / `multiplier_max`):
 
 {multiplier_table()}
 

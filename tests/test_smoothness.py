@@ -473,3 +473,24 @@ def test_smp_learns_a_planted_partition_at_two_bits():
         optimizer.step()
     pred = model.eval()(x, edge_index).argmax(-1)
     assert (pred[~train] == y[~train]).float().mean() > 0.8
+
+
+def test_smp_runs_log_the_multiplier_range_per_epoch(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from gnnq.config import (DatasetConfig, ModelConfig, TrackingConfig, TrainConfig,
+                             TrainerConfig)
+    from gnnq.train.experiment import run_experiment
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    config = TrainConfig(dataset=DatasetConfig(name="synthetic"),
+                         model=ModelConfig(name="smp", steps=3),
+                         trainer=TrainerConfig(epochs=3, progress="none"),
+                         tracking=TrackingConfig(uri=store))
+    run_id = run_experiment(config, tmp_path / "out")["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=store)
+    low = client.get_metric_history(run_id, "run0.multiplier_min")
+    high = client.get_metric_history(run_id, "run0.multiplier_max")
+    assert [m.step for m in low] == [1, 2, 3] and len(high) == 3
+    assert all(lo.value <= hi.value for lo, hi in zip(low, high))
+    assert len(client.get_metric_history(run_id, "run0.val_acc")) == 3

@@ -275,6 +275,18 @@ class SMPProp(MessagePassing):
                 f"multiplier_bound={self.multiplier_bound}")
 
 
+def multiplier_metrics(model: nn.Module) -> dict[str, float]:
+    """The range of the SMP multiplier over the steps of ``model``'s last forward pass, for
+    the per-epoch metrics (the trainer takes it from the training pass; empty for models
+    without SMP propagation): how far the correction moves from APPNP, and the early warning
+    of deep SMP's divergence (``|λ|`` past ``1/(4α)``)."""
+    for module in model.modules():
+        if isinstance(module, SMPProp) and module.trace["multiplier"]:
+            lam = module.trace["multiplier"]
+            return {"multiplier_min": min(lam), "multiplier_max": max(lam)}
+    return {}
+
+
 def change_energy(delta: Tensor, incidence: Tensor) -> Tensor:
     r""":math:`g = \|\mathbf{B}\boldsymbol{\Delta}\|_F^2`, the normalized Dirichlet energy of
     the change (FP32, differentiable in :math:`\boldsymbol{\Delta}`)."""

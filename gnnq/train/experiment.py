@@ -98,7 +98,9 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
 
 
 def _epoch_key(key: str, metric: str) -> str:
-    return key if key.endswith("loss") else f"{key}_{metric}"
+    # Split scores are named after the task metric (val_acc, test_mae); losses and model
+    # diagnostics keep their names.
+    return f"{key}_{metric}" if key in ("train", "val", "test") else key
 
 
 def _tags(config: TrainConfig) -> dict[str, str]:

@@ -24,6 +24,7 @@ from gnnq.config import TrainConfig
 from gnnq.data.task import Split, Task
 from gnnq.errors import GnnqError
 from gnnq.models import build_model
+from gnnq.models.smp_prop import multiplier_metrics
 from gnnq.quant.base import QuantizerFactory
 from gnnq.quant.cost import average_bits, compression_ratio
 from gnnq.train.metrics import metric_sums, task_loss
@@ -81,6 +82,14 @@ class Trainer:
         self.device = resolve_device(config.trainer.device)
         self.scale = 100.0 if task.metric == "acc" else 1.0  # accuracies are reported in %
 
+    def _divergence_hint(self) -> str:
+        model = self.config.model
+        if (model.name, model.propagation, model.multiplier_bound) == ("smp", "smp", None):
+            # Deep SMP's known failure: the unbounded multiplier (gnnq/models/smp_prop.py).
+            return (f", or bound SMP's multiplier with model.multiplier_bound="
+                    f"{1 / (4 * model.alpha):g} (1/(4 alpha))")
+        return ""
+
     # -- one run -------------------------------------------------------------------------
     def fit(self, run: int) -> RunResult:
         cfg, task = self.config, self.task
@@ -101,11 +110,13 @@ class Trainer:
         epoch = 0
         for epoch in epochs:
             loss = step(optimizer, strategy)
+            diagnostics = multiplier_metrics(model)  # of the training pass, before evaluate()
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"Training diverged: the loss became {loss} at epoch {epoch} of run {run} "
                     f"(seed {seed}). Lower trainer.lr (now {cfg.trainer.lr}) or check the "
-                    f"quantizer settings; runs finished before this one are kept.")
+                    f"quantizer settings{self._divergence_hint()}; runs finished before this "
+                    f"one are kept.")
             scores = evaluate()
             if best_val is None or better(scores["val"], best_val):
                 best_val, best_epoch = scores["val"], epoch
@@ -117,7 +128,7 @@ class Trainer:
                     scheduler.step(scores["val_loss"])
                 else:
                     scheduler.step()
-            metrics = {"train_loss": loss, **scores}
+            metrics = {"train_loss": loss, **scores, **diagnostics}
             self._report(epochs, run, epoch, metrics)
             patience = cfg.trainer.early_stopping
             if patience is not None and epoch - best_epoch >= patience:
@@ -247,5 +258,7 @@ class Trainer:
         elif self.progress == "log":
             every = max(1, self.config.trainer.epochs // 10)
             if epoch % every == 0 or epoch == self.config.trainer.epochs:
-                log.info("run %d epoch %d: loss %.4f val %.2f test %.2f", run, epoch,
-                         metrics["train_loss"], metrics["val"], metrics["test"])
+                extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items()
+                                if k not in ("train_loss", "train", "val", "test", "val_loss"))
+                log.info("run %d epoch %d: loss %.4f val %.2f test %.2f%s", run, epoch,
+                         metrics["train_loss"], metrics["val"], metrics["test"], extra)
