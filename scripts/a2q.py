@@ -92,6 +92,12 @@ ABLATIONS = {
         ("GAT-Cora, bit budget 2.5", "ablation_gat_cora_budget_2.5",
          ["+experiment=a2q_gat_cora", "quant.memory_target_kb=null", "quant.bit_budget=2.5"]),
     ]),
+    "gat_fixed": ("What GAT's fixed 4-bit quantizers cost (GAT-Cora preset; only the layer-2 "
+                  "input has learned bits, XW, attention and edge logits stay at 4 bits)", [
+        ("learned input bits, KB target (preset)", "a2q_gat_cora", ["+experiment=a2q_gat_cora"]),
+        ("input at 8 bits, not learned", "ablation_gat_cora_input_8",
+         ["+experiment=a2q_gat_cora", "quant.learn_bits=false", "quant.init_bits=8"]),
+    ]),
     "nns": ("Nearest Neighbor Strategy vs one shared quantizer (GIN-REDDIT-BINARY preset)", [
         ("NNS, m = 1000 (preset)", "a2q_gin_reddit_binary", ["+experiment=a2q_gin_reddit_binary"]),
         ("one shared quantizer, m = 1", "ablation_gin_reddit_binary_single",
