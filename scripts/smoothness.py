@@ -93,8 +93,9 @@ def cell(s: Optional[dict], key: str = "test") -> str:
         return "–"
     if not s["runs"]:  # the job ended without a finished run
         error = s.get("error", "")
-        epoch = re.search(r"nan at epoch (\d+)", error)
-        return f"diverged (NaN loss, epoch {epoch.group(1)})" if epoch else "failed"
+        diverged = re.search(r"loss became (\S+) at epoch (\d+)", error)
+        return (f"diverged ({diverged.group(1)} loss, epoch {diverged.group(2)})" if diverged
+                else "failed")
     return fmt(s["runs"], key)
 
 
