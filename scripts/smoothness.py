@@ -196,7 +196,7 @@ def depth_table(results) -> tuple[str, list[str]]:
             if model == "SMP" and cell(s).startswith("diverged") and lam is not None:
                 notes.append(
                     f"{CORA[suffix][0]} SMP, K = {k} diverged with the training pass's "
-                    f"multiplier already at {lam:.2f} on its last log line before the NaN "
+                    f"multiplier already at {lam:.2f} on its last log line before the divergence "
                     f"(`multiplier_min`, "
                     f"outputs/smoothness/{job(f'smooth_smp_cora_{suffix}', 'smp', k)[0]}/gnnq.log)")
     if any(note.endswith("gnnq.log)") for note in notes):
