@@ -22,6 +22,7 @@ from typing import Optional
 
 from common import OUTPUTS, ROOT, fmt, machine, pooled, run_all
 
+from gnnq.models.smp_prop import stable_multiplier_bound
 from gnnq.train.metrics import mean_std
 
 OUT = OUTPUTS / "smoothness"
@@ -46,7 +47,7 @@ GROUPS = ("cora", "datasets", "depth")
 PROPAGATIONS = ("smp", "appnp")
 # The depth sweep's extra SMP row: the multiplier clipped to |λ| ≤ 1/(4α) (α = 0.1 in every
 # preset), the bound under which the correction never reverses a frequency of the change.
-MULTIPLIER_BOUND = 2.5
+MULTIPLIER_BOUND = stable_multiplier_bound(0.1)
 BOUNDED = f"SMP, \\|λ\\| ≤ {MULTIPLIER_BOUND:g}"  # its row label (Markdown-escaped bars)
 
 
@@ -191,14 +192,16 @@ def depth_table(results) -> tuple[str, list[str]]:
                 notes.append(f"{CORA[suffix][0]} {model}: K = 64 is "
                              f"{max(finished) - mean_of(by_k[64]):.2f} pp below its best K")
     for (suffix, model), by_k in results.items():
+        if model != "SMP":
+            continue
         for k, s in by_k.items():
-            lam = last_logged_multiplier(job(f"smooth_smp_cora_{suffix}", "smp", k)[0])
-            if model == "SMP" and cell(s).startswith("diverged") and lam is not None:
+            name = job(f"smooth_smp_cora_{suffix}", "smp", k)[0]
+            lam = last_logged_multiplier(name) if cell(s).startswith("diverged") else None
+            if lam is not None:
                 notes.append(
                     f"{CORA[suffix][0]} SMP, K = {k} diverged with the training pass's "
                     f"multiplier already at {lam:.2f} on its last log line before the divergence "
-                    f"(`multiplier_min`, "
-                    f"outputs/smoothness/{job(f'smooth_smp_cora_{suffix}', 'smp', k)[0]}/gnnq.log)")
+                    f"(`multiplier_min`, outputs/smoothness/{name}/gnnq.log)")
     if any(note.endswith("gnnq.log)") for note in notes):
         notes.append(
             "the multiplier's first update is η_λ·(c − g₁), g₁ the change energy of step 1, "

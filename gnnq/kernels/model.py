@@ -119,8 +119,8 @@ def message_sum(h: Tensor, graph: PackedGraph, grid: Grid) -> Tensor:
     PyTorch ops on any device, in edge chunks (no packed kernel computes per-edge
     requantization)."""
     dev = h.device
-    col, dst, weight = graph.col.to(dev).long(), graph.destinations.to(dev), \
-        graph.edge_weight.to(dev)
+    col = graph.col.to(dev).long()
+    dst, weight = graph.destinations.to(dev), graph.edge_weight.to(dev)
     g = grid.to(dev)
     zero = g.zero_point.to(torch.int64).view(1, -1)
     sums = torch.zeros(graph.num_nodes, h.size(1), dtype=torch.int64, device=dev)

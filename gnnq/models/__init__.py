@@ -24,14 +24,14 @@ from gnnq.models.graph import GraphGCN, GraphGIN
 from gnnq.models.node import GAT, GCN, GIN
 from gnnq.models.qlinear import QLinear
 from gnnq.models.smp import SMP
-from gnnq.models.smp_prop import SMPProp
+from gnnq.models.smp_prop import SMPProp, stable_multiplier_bound
 from gnnq.quant.base import QuantizerFactory
 
 NODE_MODELS = ("gcn", "gin", "gat", "smp")
 GRAPH_MODELS = ("gcn", "gin")
 
 __all__ = [
-    "build_model", "NODE_MODELS", "GRAPH_MODELS",
+    "build_model", "divergence_hint", "NODE_MODELS", "GRAPH_MODELS",
     "QLinear", "QGCNConv", "QGINConv", "QGATConv", "gcn_norm",
     "GCN", "GIN", "GAT", "GraphGCN", "GraphGIN", "SMP", "SMPProp",
 ]
@@ -45,6 +45,15 @@ def build_model(cfg: ModelConfig, task: Task,
     if task.level == "node":
         return _node_model(cfg, task, out_channels, quantizers)
     return _graph_model(cfg, task, out_channels, quantizers)
+
+
+def divergence_hint(cfg: ModelConfig) -> str:
+    """A model-specific remedy to add to the trainer's divergence message ("" if none)."""
+    if (cfg.name, cfg.propagation, cfg.multiplier_bound) == ("smp", "smp", None):
+        # Deep SMP's known failure: the unbounded multiplier (gnnq/models/smp_prop.py).
+        return (f", or bound SMP's multiplier with model.multiplier_bound="
+                f"{stable_multiplier_bound(cfg.alpha):g} (1/(4 alpha))")
+    return ""
 
 
 def _node_model(cfg: ModelConfig, task: Task, out_channels: int,

@@ -275,6 +275,13 @@ class SMPProp(MessagePassing):
                 f"multiplier_bound={self.multiplier_bound}")
 
 
+def stable_multiplier_bound(alpha: float) -> float:
+    """``1/(4 alpha)``: the largest ``|λ|`` for which ``I + 2 alpha λ L~`` (``L~``'s
+    eigenvalues in ``[0, 2)``) stays positive semidefinite, so the correction never
+    reverses a frequency of the change."""
+    return 1 / (4 * alpha)
+
+
 def multiplier_metrics(model: nn.Module) -> dict[str, float]:
     """The range of the SMP multiplier over the steps of ``model``'s last forward pass, for
     the per-epoch metrics (the trainer takes it from the training pass; empty for models

@@ -23,7 +23,7 @@ from torch_geometric.loader import DataLoader
 from gnnq.config import TrainConfig
 from gnnq.data.task import Split, Task
 from gnnq.errors import GnnqError
-from gnnq.models import build_model
+from gnnq.models import build_model, divergence_hint
 from gnnq.models.smp_prop import multiplier_metrics
 from gnnq.quant.base import QuantizerFactory
 from gnnq.quant.cost import average_bits, compression_ratio
@@ -82,14 +82,6 @@ class Trainer:
         self.device = resolve_device(config.trainer.device)
         self.scale = 100.0 if task.metric == "acc" else 1.0  # accuracies are reported in %
 
-    def _divergence_hint(self) -> str:
-        model = self.config.model
-        if (model.name, model.propagation, model.multiplier_bound) == ("smp", "smp", None):
-            # Deep SMP's known failure: the unbounded multiplier (gnnq/models/smp_prop.py).
-            return (f", or bound SMP's multiplier with model.multiplier_bound="
-                    f"{1 / (4 * model.alpha):g} (1/(4 alpha))")
-        return ""
-
     # -- one run -------------------------------------------------------------------------
     def fit(self, run: int) -> RunResult:
         cfg, task = self.config, self.task
@@ -115,7 +107,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"Training diverged: the loss became {loss} at epoch {epoch} of run {run} "
                     f"(seed {seed}). Lower trainer.lr (now {cfg.trainer.lr}) or check the "
-                    f"quantizer settings{self._divergence_hint()}; runs finished before this "
+                    f"quantizer settings{divergence_hint(cfg.model)}; runs finished before this "
                     f"one are kept.")
             scores = evaluate()
             if best_val is None or better(scores["val"], best_val):
