@@ -57,8 +57,7 @@ def _train(args: list[str]) -> int:
         raise GnnqError(f"gnnq train takes one of -m/--multirun, --cfg, --info at a time; got "
                         f"{' and '.join(modes)}. To see a sweep job's config, run it without -m: "
                         f"gnnq train --cfg job <overrides>.")
-    groups = tuple(p.name for p in config_dir().iterdir() if p.is_dir())
-    check_override_keys([a for a in args if not a.startswith("-")], groups)
+    check_override_keys([a for a in args if not a.startswith("-")], config_dir())
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def train_job(cfg: DictConfig) -> float:

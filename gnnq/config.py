@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -297,13 +298,15 @@ def unknown_option_message(key: str) -> str:
             f"'gnnq train --cfg job' prints every option with its current value.")
 
 
-def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ()) -> None:
-    """Reject ``a.b=value`` overrides of options the schema does not have, listing the valid ones.
+def check_override_keys(overrides: list[str], conf_dir: Optional[Path] = None) -> None:
+    """Reject ``a.b=value`` overrides of options the schema does not have, listing the valid ones,
+    and options of a config group's other choices (``model.steps`` is SMP's, not GCN's).
 
     Hydra would refuse them too, but without naming the choices. Group selections
     (``model=gat``), additions (``+x=``), deletions (``~x``), Hydra's own keys and the
     method-owned ``quant.*`` section are left to Hydra and to the method's own checks.
     """
+    groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir()) if conf_dir else []
     top_level = {f.name for f in dataclasses.fields(TrainConfig)} | set(groups)
     for override in overrides:
         key = override.split("=", 1)[0]
@@ -318,3 +321,56 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ()) -> N
         schema = _schema_at(parts[:-1])
         if schema is not None and parts[-1] not in {f.name for f in dataclasses.fields(schema)}:
             raise GnnqError(unknown_option_message(key))
+        if conf_dir is not None and parts[0] in groups:
+            _check_group_option(parts[0], parts[1], overrides, conf_dir)
+
+
+def _yaml_keys(path: Path, section: Optional[str] = None) -> set[str]:
+    node = OmegaConf.load(path)
+    if section is not None:
+        node = node.get(section) or {}
+    return set(node.keys()) - {"defaults"}
+
+
+def _experiment_choices(path: Path) -> dict[str, str]:
+    """What ``conf/experiment/<name>.yaml`` selects: ``{"model": "gin", ...}``."""
+    choices = {}
+    for entry in OmegaConf.load(path).get("defaults") or []:
+        if isinstance(entry, (DictConfig, dict)):
+            for target, option in entry.items():
+                choices[str(target).removeprefix("override ").strip("/")] = str(option)
+    return choices
+
+
+def _check_group_option(group: str, option: str, overrides: list[str], conf_dir: Path) -> None:
+    """``group.option=value`` must be an option of the group's selected choice (of every
+    choice it may be, when an experiment and the command line name different ones)."""
+    selections: dict[str, list[str]] = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        selections.setdefault(key.lstrip("+"), []).append(value)
+    candidates, allowed = set(selections.get(group, [])[-1:]), set()
+    for name in selections.get("experiment", []):
+        path = conf_dir / "experiment" / f"{name}.yaml"
+        if not path.is_file():
+            return
+        candidates |= {c for g, c in _experiment_choices(path).items() if g == group}
+        allowed |= _yaml_keys(path, group)
+    if not candidates:
+        candidates = {c for g, c in _experiment_choices(conf_dir / "train.yaml").items()
+                      if g == group}
+    paths = [conf_dir / group / f"{choice}.yaml" for choice in sorted(candidates)]
+    if not paths or not all(p.is_file() for p in paths):  # sweep lists, typos: Hydra's turn
+        return
+    keys = [_yaml_keys(p) for p in paths]
+    if any(option in k for k in keys) or option in allowed:
+        return
+    owners = sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if option in _yaml_keys(p))
+    owned = (f"it is an option of {', '.join(f'{group}={o}' for o in owners)}"
+             if owners else f"no {group} choice has it")
+    selected = " or ".join(f"{group}={p.stem}" for p in paths)
+    raise GnnqError(f"Config option '{group}.{option}' does not apply to {selected}: {owned}. "
+                    f"Options of {selected}: {', '.join(sorted(set.union(*keys)))}."
+                    + (f" Select {'it' if len(owners) == 1 else 'one of those'} first, e.g. "
+                       f"gnnq train {group}={owners[0]} {group}.{option}=<value>."
+                       if owners else ""))

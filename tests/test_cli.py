@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gnnq.errors import GnnqError
+
 from conftest import assert_clean_error, free_port, requires_shared_data, run_gnnq
 
 FAST = ["trainer.epochs=5", "trainer.progress=none"]
@@ -43,11 +45,36 @@ def test_train_help_and_cfg(tmp_path):
     ("seeds=3", ["seeds", "seed", "runs", "dataset"]),
     ("trainer.scheduler.gama=3", ["trainer.scheduler.gama", "gamma", "step_size"]),
     ("model=smp model.multiplier_bound=-1", ["model.multiplier_bound", "-1", ">= 0"]),
+    # An option of another choice of the group than the selected one.
+    ("model.steps=3", ["'model.steps'", "model=gcn", "model=smp", "hidden, layers"]),
+    ("+experiment=fp32_gin_reddit_binary model=gcn model.steps=3",
+     ["'model.steps'", "model=gcn or model=gin", "model=smp", "train_eps"]),
+    ("dataset=reddit_binary dataset.split=random",
+     ["'dataset.split'", "dataset=reddit_binary", "dataset=cora", "folds"]),
 ])
 def test_bad_config_values(tmp_path, override, fragments):
     proc = run_gnnq("train", *override.split(), "tracking=none", f"hydra.run.dir={tmp_path}/out",
                     cwd=tmp_path)
     assert_clean_error(proc, *fragments)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=smp", "model.steps=3"],
+    ["+experiment=smooth_smp_cora_int4", "model.steps=3"],
+])
+def test_options_of_the_selected_choice_pass(tmp_path, overrides):
+    proc = run_gnnq("train", "--cfg", "job", *overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "steps: 3" in proc.stdout
+
+
+def test_sweep_lists_are_left_to_hydra():
+    from gnnq.cli import config_dir
+    from gnnq.config import check_override_keys
+
+    check_override_keys(["model=gcn,smp", "model.steps=3"], config_dir())
+    with pytest.raises(GnnqError, match="model=gcn"):
+        check_override_keys(["model=gcn", "model.steps=3"], config_dir())
 
 
 def test_multirun_with_cfg_is_a_clean_error(tmp_path):
