@@ -154,6 +154,10 @@ def main_table() -> tuple[str, list[str]]:
                          f"{fmt(fp32, 'best_test')} | not run yet | | | | | | "
                          f"{row.target()} | |")
             continue
+        partial, total = len(a2q) < len(fp32), len(fp32)
+        if partial:  # compare on the same seeds/folds only
+            done = {r["run"] for r in a2q}
+            fp32 = [r for r in fp32 if r["run"] in done]
         drop = _mean(fp32, "test") - _mean(a2q, "test")
         bits = _mean(a2q, "avg_bits")
         ok = bits <= row.max_bits
@@ -162,12 +166,15 @@ def main_table() -> tuple[str, list[str]]:
         elif row.max_drop is not None:
             ok = ok and drop <= row.max_drop
         verdict = "–" if row.max_drop is None and row.min_acc is None else ("✅" if ok else "❌")
-        if verdict == "❌":
+        if partial and verdict != "–":
+            verdict += " (provisional)"
+        if verdict.startswith("❌"):
             misses.append(f"{model}-{dataset}")
         lines.append(f"| {model} | {dataset} | {fmt(fp32, 'test')} | {fmt(fp32, 'best_test')} | "
                      f"{fmt(a2q, 'test')} | {fmt(a2q, 'best_test')} | {-drop:+.2f} | "
                      f"{fmt(a2q, 'avg_bits')} | {fmt(a2q, 'compression_ratio', 1)}x | "
-                     f"{len(a2q)} | {row.target()} | "
+                     f"{len(a2q)}{f' of {total} (FP32 on the same)' if partial else ''} | "
+                     f"{row.target()} | "
                      f"{verdict} |")
     return "\n".join(lines), misses
 
@@ -178,8 +185,11 @@ def ablation_tables() -> str:
         lines = [f"**{title}**", "",
                  "| variant | command | test @ best val | best test | avg_bits | runs |",
                  "|---|---|---|---|---|---|"]
-        for label, folder, overrides in variants:
-            runs = pooled_runs(_folder(folder))
+        found = [pooled_runs(_folder(folder)) for _, folder, _ in variants]
+        # Unfinished variants are compared on the seeds/folds every started one has.
+        common = set.intersection(*({r["run"] for r in runs} for runs in found if runs) or [set()])
+        for (label, folder, overrides), runs in zip(variants, found):
+            runs = [r for r in runs if r["run"] in common]
             cell = lambda key: fmt(runs, key) if runs else "not run yet"  # noqa: E731
             lines.append(f"| {label} | `gnnq train {' '.join(overrides)} runs=10` | "
                          f"{cell('test')} | {cell('best_test')} | {cell('avg_bits')} | "
@@ -252,6 +262,9 @@ defined in `gnnq/quant/cost.py`. FP32 rows are `results/baselines.md`'s runs. A�
 the official hyperparameters and KB memory targets (`docs/a2q.md` §5); Coauthor CS and Amazon
 Photo have no official configuration: their presets are the FP32 preset plus
 `+quant=a2q quant.bit_budget=2`. Machine: 2 CPU cores, no GPU, {machine(folders)}.
+An A²Q job that has not finished all its runs shows "k of 10" and is compared with FP32 on
+the same seeds/folds only; its verdict is provisional. Ablation variants are compared on the
+runs they all have.
 
 ## Main table
 
