@@ -3,7 +3,8 @@ their summary.json files.
 
 Each job is the `gnnq` command exactly as a user types it, logged to the project's MLflow
 store unless `tracking=none` is among the overrides. A job whose repeats are split into
-`shards` parallel jobs (`first_run`/`runs`) writes `shard<k>/summary.json`; readers pool them.
+`shards` parallel jobs (`first_run`/`runs`) writes `shard<k>/summary.json`, a run added to an
+unfinished job `run<k>/summary.json`; readers pool them.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def gnnq_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("gnnq") or "gnnq"]
 
 
-def launch(folder: Path, overrides: Sequence[str], shards: int = 1,
-           runs: int = 10) -> list[subprocess.Popen]:
+def launch(folder: Path, overrides: Sequence[str], shards: int = 1, runs: int = 10,
+           first_run: int = 0) -> list[subprocess.Popen]:
     """Start the job(s) writing into ``folder``; one process per shard, single-threaded."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     per_shard = runs // shards
@@ -38,24 +39,40 @@ def launch(folder: Path, overrides: Sequence[str], shards: int = 1,
         target = folder / f"shard{shard}" if shards > 1 else folder
         cmd = [*gnnq_command(), "train", *overrides, f"hydra.run.dir={target}",
                "trainer.progress=log", f"runs={per_shard}"]
-        if shards > 1:
-            cmd.append(f"first_run={shard * per_shard}")
+        if shards > 1 or first_run:
+            cmd.append(f"first_run={first_run + shard * per_shard}")
         print("+ gnnq", " ".join(cmd[1:]), flush=True)
         jobs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
     return jobs
 
 
+def missing_runs(folder: Path, runs: int) -> list[int]:
+    """Run indices below ``runs`` that no summary in ``folder`` holds. None once a summary
+    records an error: a diverged job is a result (delete its folder to rerun it)."""
+    parts = summaries(folder)
+    if any(p.get("error") for p in parts):
+        return []
+    done = {r["run"] for p in parts for r in p["runs"]}
+    return [k for k in range(runs) if k not in done]
+
+
 def run_all(jobs: Iterable[tuple], parallel: int = 1) -> None:
     """Run ``(folder, overrides, shards[, runs])`` jobs (10 runs unless given), up to
-    ``parallel`` processes at a time; a folder that already has its summaries is skipped
-    (delete it to rerun)."""
-    pending = [job for job in jobs if not summaries(job[0])]
+    ``parallel`` processes at a time. A folder that has all its runs is skipped; one that
+    has some gets each missing run as its own job in ``run<k>/``."""
+    pending = []
+    for folder, overrides, shards, *runs in jobs:
+        total = runs[0] if runs else 10
+        missing = missing_runs(folder, total)
+        if len(missing) == total:
+            pending.append((folder, overrides, shards, total, 0))
+        else:
+            pending += [(folder / f"run{k}", overrides, 1, 1, k) for k in missing]
     running: list[subprocess.Popen] = []
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
-            folder, overrides, shards, *runs = pending.pop(0)
-            running += launch(folder, overrides, shards, *runs)
+            running += launch(*pending.pop(0))
         finished = running.pop(0)
         if finished.wait() != 0:
             failed.append(" ".join(finished.args[1:]))
@@ -64,8 +81,9 @@ def run_all(jobs: Iterable[tuple], parallel: int = 1) -> None:
 
 
 def summaries(folder: Path) -> list[dict]:
-    """The job's summary.json, or those of its shards."""
-    paths = [folder / "summary.json", *sorted(folder.glob("shard*/summary.json"))]
+    """The job's summary.json, or those of its shards and single-run resumes."""
+    paths = [folder / "summary.json", *sorted(folder.glob("shard*/summary.json")),
+             *sorted(folder.glob("run*/summary.json"))]
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
