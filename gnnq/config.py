@@ -298,7 +298,7 @@ def unknown_option_message(key: str) -> str:
             f"'gnnq train --cfg job' prints every option with its current value.")
 
 
-def check_override_keys(overrides: list[str], conf_dir: Optional[Path] = None) -> None:
+def check_override_keys(overrides: list[str], conf_dir: Path) -> None:
     """Reject ``a.b=value`` overrides of options the schema does not have, listing the valid ones,
     and options of a config group's other choices (``model.steps`` is SMP's, not GCN's).
 
@@ -306,7 +306,7 @@ def check_override_keys(overrides: list[str], conf_dir: Optional[Path] = None) -
     (``model=gat``), additions (``+x=``), deletions (``~x``), Hydra's own keys and the
     method-owned ``quant.*`` section are left to Hydra and to the method's own checks.
     """
-    groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir()) if conf_dir else []
+    groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
     top_level = {f.name for f in dataclasses.fields(TrainConfig)} | set(groups)
     for override in overrides:
         key = override.split("=", 1)[0]
@@ -321,7 +321,7 @@ def check_override_keys(overrides: list[str], conf_dir: Optional[Path] = None) -
         schema = _schema_at(parts[:-1])
         if schema is not None and parts[-1] not in {f.name for f in dataclasses.fields(schema)}:
             raise GnnqError(unknown_option_message(key))
-        if conf_dir is not None and parts[0] in groups:
+        if parts[0] in groups:
             _check_group_option(parts[0], parts[1], overrides, conf_dir)
 
 

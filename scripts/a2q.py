@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import OUTPUTS, ROOT, fmt, machine, pooled_runs, run_all, summaries
+from common import OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs, run_all, summaries
 
 from gnnq.train.metrics import mean_std
 
@@ -154,10 +154,9 @@ def main_table() -> tuple[str, list[str]]:
                          f"{fmt(fp32, 'best_test')} | not run yet | | | | | | "
                          f"{row.target()} | |")
             continue
-        partial, total = len(a2q) < len(fp32), len(fp32)
-        if partial:  # compare on the same seeds/folds only
-            done = {r["run"] for r in a2q}
-            fp32 = [r for r in fp32 if r["run"] in done]
+        total = len(fp32)
+        fp32, a2q = on_common_runs(fp32, a2q)
+        partial = len(a2q) < total
         drop = _mean(fp32, "test") - _mean(a2q, "test")
         bits = _mean(a2q, "avg_bits")
         ok = bits <= row.max_bits
@@ -185,11 +184,8 @@ def ablation_tables() -> str:
         lines = [f"**{title}**", "",
                  "| variant | command | test @ best val | best test | avg_bits | runs |",
                  "|---|---|---|---|---|---|"]
-        found = [pooled_runs(_folder(folder)) for _, folder, _ in variants]
-        # Unfinished variants are compared on the seeds/folds every started one has.
-        common = set.intersection(*({r["run"] for r in runs} for runs in found if runs) or [set()])
+        found = on_common_runs(*(pooled_runs(_folder(folder)) for _, folder, _ in variants))
         for (label, folder, overrides), runs in zip(variants, found):
-            runs = [r for r in runs if r["run"] in common]
             cell = lambda key: fmt(runs, key) if runs else "not run yet"  # noqa: E731
             lines.append(f"| {label} | `gnnq train {' '.join(overrides)} runs=10` | "
                          f"{cell('test')} | {cell('best_test')} | {cell('avg_bits')} | "

@@ -104,6 +104,14 @@ def pooled(folder: Path) -> Optional[dict]:
             "seconds": sum(p["seconds"] for p in parts)}
 
 
+def on_common_runs(*groups: list[dict]) -> list[list[dict]]:
+    """Each group of runs restricted to the run indices (seeds/folds) that every non-empty
+    group has, so unfinished jobs are compared like with like."""
+    common = set.intersection(*({r["run"] for r in runs} for runs in groups if runs)
+                              or [set()])
+    return [[r for r in runs if r["run"] in common] for runs in groups]
+
+
 def pooled_runs(folder: Path) -> list[dict]:
     job = pooled(folder)
     return job["runs"] if job else []
