@@ -58,14 +58,18 @@ def test_bad_config_values(tmp_path, override, fragments):
     assert_clean_error(proc, *fragments)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model=smp", "model.steps=3"],
-    ["+experiment=smooth_smp_cora_int4", "model.steps=3"],
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=smp", "model.steps=3"], ["steps: 3"]),
+    (["+experiment=smooth_smp_cora_int4", "model.steps=3"], ["steps: 3"]),
+    # Planetoid's random split and feature normalisation are options of the default cora.
+    (["dataset.split=random", "dataset.train_per_class=10", "dataset.normalize_features=true"],
+     ["train_per_class: 10", "normalize_features: true"]),
+    (["+experiment=a2q_gat_cora", "dataset.normalize_features=true"], ["normalize_features: true"]),
 ])
-def test_options_of_the_selected_choice_pass(tmp_path, overrides):
+def test_options_of_the_selected_choice_pass(tmp_path, overrides, expected):
     proc = run_gnnq("train", "--cfg", "job", *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "steps: 3" in proc.stdout
+    assert all(fragment in proc.stdout for fragment in expected), proc.stdout
 
 
 def test_sweep_lists_are_left_to_hydra():
