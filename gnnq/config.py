@@ -183,6 +183,9 @@ class TrainerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # Stop a run when validation has not improved for this many epochs (null: never).
     early_stopping: Optional[int] = None
+    # Select the epoch (both rules) among those whose avg_bits on the validation split is at
+    # most this: a checkpoint over the bit budget is not a result. null: every epoch.
+    select_max_bits: Optional[float] = None
     # "auto": a progress bar on a terminal, quiet log lines otherwise.
     progress: str = "auto"
     device: str = "cpu"
@@ -196,6 +199,8 @@ class TrainerConfig:
         check_range("trainer.batch_size", self.batch_size, 1)
         if self.early_stopping is not None:
             check_range("trainer.early_stopping", self.early_stopping, 1)
+        if self.select_max_bits is not None:
+            check_range("trainer.select_max_bits", self.select_max_bits, 1)
         check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))

@@ -1,8 +1,9 @@
 """Average bitwidth and compression ratio: one definition for every method.
 
 - ``avg_bits``: the element-weighted mean bitwidth of the quantizers marked
-  ``counts_in_average`` (the method's learned or chosen feature bits), measured on the last
-  forward pass (the trainer runs one evaluation pass on the selected model first).
+  ``counts_in_average`` (the method's learned or chosen feature bits), measured on a forward
+  pass, or summed over several with :class:`ModelCost` (the trainer measures the selected
+  model on the whole test split: every batch of a graph-level task counts).
 - ``compression_ratio``: ``32 * elements / bits`` summed over every quantized tensor (all
   quantizers of the model: features, messages, weights...). Tensors without a quantizer are
   not counted, so a model with none is FP32: ``avg_bits = 32`` and ratio ``1.0``.
@@ -10,31 +11,58 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from gnnq.quant.base import Quantizer
+from gnnq.quant.base import BitCost, Quantizer
 
 FP32_BITS = 32.0
 
 
-def _costs(model: nn.Module, only_average: bool):
+@dataclass(frozen=True)
+class ModelCost:
+    """Elements and bits of a model's quantized tensors, over one or more forward passes:
+    ``counted`` for the quantizers in ``avg_bits``, ``total`` for every quantizer."""
+
+    counted: BitCost = BitCost(0.0, 0.0)
+    total: BitCost = BitCost(0.0, 0.0)
+
+    def __add__(self, other: "ModelCost") -> "ModelCost":
+        return ModelCost(*(BitCost(a.elements + b.elements, a.bits + b.bits)
+                           for a, b in ((self.counted, other.counted),
+                                        (self.total, other.total))))
+
+    @property
+    def average_bits(self) -> float:
+        if self.counted.elements <= 0:
+            return FP32_BITS
+        return self.counted.bits / self.counted.elements
+
+    @property
+    def compression_ratio(self) -> float:
+        if self.total.elements <= 0 or self.total.bits <= 0:
+            return 1.0
+        return FP32_BITS * self.total.elements / self.total.bits
+
+
+def model_cost(model: nn.Module) -> ModelCost:
+    """The cost of ``model``'s last forward pass (each quantizer's last input)."""
+    counted, total = [0.0, 0.0], [0.0, 0.0]
     for module in model.modules():
-        if isinstance(module, Quantizer) and (module.counts_in_average or not only_average):
+        if isinstance(module, Quantizer):
             cost = module.bit_cost()
-            if cost is not None and cost.elements > 0:
-                yield cost
+            if cost is None or cost.elements <= 0:
+                continue
+            for acc in ((counted, total) if module.counts_in_average else (total,)):
+                acc[0] += cost.elements
+                acc[1] += cost.bits
+    return ModelCost(BitCost(*counted), BitCost(*total))
 
 
 def average_bits(model: nn.Module) -> float:
-    costs = list(_costs(model, only_average=True))
-    if not costs:
-        return FP32_BITS
-    return sum(c.bits for c in costs) / sum(c.elements for c in costs)
+    return model_cost(model).average_bits
 
 
 def compression_ratio(model: nn.Module) -> float:
-    costs = list(_costs(model, only_average=False))
-    bits = sum(c.bits for c in costs)
-    if not costs or bits <= 0:
-        return 1.0
-    return FP32_BITS * sum(c.elements for c in costs) / bits
+    return model_cost(model).compression_ratio

@@ -3,6 +3,8 @@
 Full-batch for node-level tasks, mini-batches for graph-level ones. Every epoch it measures
 train/val/test, so it can report both protocols: the test metric at the best validation
 epoch (primary) and the best test metric over all epochs (the official A²Q code's).
+``trainer.select_max_bits`` limits both to the epochs whose ``avg_bits`` (measured on the
+validation split) is within a bit budget: a checkpoint over the budget is not a result.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gnnq.errors import GnnqError
 from gnnq.models import build_model, divergence_hint
 from gnnq.models.smp_prop import multiplier_metrics
 from gnnq.quant.base import QuantizerFactory
-from gnnq.quant.cost import average_bits, compression_ratio
+from gnnq.quant.cost import ModelCost, model_cost
 from gnnq.train.metrics import metric_sums, task_loss
 from gnnq.train.strategies import build_strategy
 
@@ -95,9 +97,11 @@ class Trainer:
         step, evaluate = self._loops(model, split, seed)
 
         better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+        max_bits = cfg.trainer.select_max_bits
         best_val = best_test = None
         best_epoch = best_test_epoch = 0
         best_state: dict = {}
+        fewest_bits = math.inf
         epochs = self._epoch_iter(run)
         epoch = 0
         for epoch in epochs:
@@ -109,11 +113,14 @@ class Trainer:
                     f"(seed {seed}). Lower trainer.lr (now {cfg.trainer.lr}) or check the "
                     f"quantizer settings{divergence_hint(cfg.model)}; runs finished before this "
                     f"one are kept.")
-            scores = evaluate()
-            if best_val is None or better(scores["val"], best_val):
+            scores, costs = evaluate()
+            bits = costs["val"].average_bits
+            fewest_bits = min(fewest_bits, bits)
+            eligible = max_bits is None or bits <= max_bits
+            if eligible and (best_val is None or better(scores["val"], best_val)):
                 best_val, best_epoch = scores["val"], epoch
                 best_state = copy.deepcopy(model.state_dict())
-            if best_test is None or better(scores["test"], best_test):
+            if eligible and (best_test is None or better(scores["test"], best_test)):
                 best_test, best_test_epoch = scores["test"], epoch
             if scheduler is not None:
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -121,19 +128,29 @@ class Trainer:
                 else:
                     scheduler.step()
             metrics = {"train_loss": loss, **scores, **diagnostics}
+            if self.quantizers is not None:
+                metrics["avg_bits"] = bits
             self._report(epochs, run, epoch, metrics)
             patience = cfg.trainer.early_stopping
-            if patience is not None and epoch - best_epoch >= patience:
+            # Patience counts from the first epoch within the bit limit.
+            if patience is not None and best_val is not None and epoch - best_epoch >= patience:
                 break
 
+        if best_val is None:
+            raise GnnqError(
+                f"No epoch of run {run} (seed {seed}) was within trainer.select_max_bits="
+                f"{max_bits:g}: the fewest average bits in {epoch} epochs were "
+                f"{fewest_bits:.2f}. Raise the limit, lower the method's bits (e.g. "
+                f"quant.bit_budget) or train longer (trainer.epochs); runs finished before "
+                f"this one are kept.")
         model.load_state_dict(best_state)
-        selected = evaluate()  # also leaves the quantizers' bit costs of the selected model
+        selected, costs = evaluate()
         return RunResult(
             run=run, seed=seed, fold=task.fold(run),
             best_epoch=best_epoch, epochs=epoch, val=selected["val"], test=selected["test"],
             best_test=best_test, best_test_epoch=best_test_epoch,
-            avg_bits=average_bits(model), compression_ratio=compression_ratio(model),
-            state_dict=best_state)
+            avg_bits=costs["test"].average_bits,
+            compression_ratio=costs["test"].compression_ratio, state_dict=best_state)
 
     # -- loops ---------------------------------------------------------------------------
     def _loops(self, model: nn.Module, split: Split, seed: int):
@@ -155,7 +172,8 @@ class Trainer:
             return loss.item()
 
         @torch.no_grad()
-        def evaluate() -> dict[str, float]:
+        def evaluate() -> tuple[dict[str, float], dict[str, ModelCost]]:
+            """Scores of every split and the bit cost of the pass (one for the whole graph)."""
             model.eval()
             out = model(data.x, data.edge_index)
             scores = {}
@@ -163,7 +181,8 @@ class Trainer:
                 total, count = metric_sums(out[idx], data.y[idx], metric)
                 scores[name] = self.scale * total / max(count, 1)
             scores["val_loss"] = task_loss(out[masks["val"]], data.y[masks["val"]], metric).item()
-            return scores
+            cost = model_cost(model)
+            return scores, {"val": cost, "test": cost}
 
         return step, evaluate
 
@@ -194,20 +213,24 @@ class Trainer:
             return total / max(count, 1)
 
         @torch.no_grad()
-        def evaluate() -> dict[str, float]:
+        def evaluate() -> tuple[dict[str, float], dict[str, ModelCost]]:
+            """Scores of val and test and their bit costs, summed over every batch (the bits
+            NNS selects depend on the graphs)."""
             model.eval()
-            scores = {}
+            scores, costs = {}, {}
             for name, loader in eval_loaders.items():
-                total, count, loss_sum = 0.0, 0, 0.0
+                total, count, loss_sum, cost = 0.0, 0, 0.0, ModelCost()
                 for batch in loader:
                     out, y = forward(batch)
                     s, n = metric_sums(out, y, metric)
                     total, count = total + s, count + n
                     loss_sum += task_loss(out, y, metric).item() * n
+                    cost = cost + model_cost(model)
                 scores[name] = self.scale * total / max(count, 1)
+                costs[name] = cost
                 if name == "val":
                     scores["val_loss"] = loss_sum / max(count, 1)
-            return scores
+            return scores, costs
 
         return step, evaluate
 

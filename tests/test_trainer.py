@@ -1,0 +1,65 @@
+"""The trainer's epoch selection under a bit limit and its bit accounting over batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gnnq.config import DatasetConfig, DataRootConfig, TrainConfig, TrainerConfig
+from gnnq.data import load_task
+from gnnq.errors import GnnqError
+from gnnq.quant.base import BitCost, Quantizer
+from gnnq.quant.cost import ModelCost
+from gnnq.train.trainer import Trainer
+
+
+class RisingBits(Quantizer):
+    """The identity, reporting ``offset + (training passes so far)`` bits per element: epoch
+    ``e`` is evaluated at ``offset + e`` bits. The count is a buffer, so the selected
+    checkpoint restores it."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+        self.register_buffer("passes", torch.tensor(0))
+        self.elements = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.passes += 1
+        self.elements = x.numel()
+        return x
+
+    def bit_cost(self) -> BitCost:
+        return BitCost(float(self.elements), float(self.elements * (self.offset + self.passes)))
+
+
+def fit(epochs: int, select_max_bits, offset: int = 0):
+    config = TrainConfig(dataset=DatasetConfig(name="synthetic"), data=DataRootConfig(),
+                         trainer=TrainerConfig(epochs=epochs, progress="none",
+                                               select_max_bits=select_max_bits))
+    task = load_task(config.data, config.dataset)
+    return Trainer(config, task, lambda spec: {"input": RisingBits(offset)}).fit(0)
+
+
+def test_only_epochs_within_the_bit_limit_are_selected():
+    free = fit(epochs=8, select_max_bits=None)
+    assert free.best_epoch > 3 and free.avg_bits == free.best_epoch  # the limit below binds
+    limited = fit(epochs=8, select_max_bits=3)
+    assert limited.best_epoch <= 3 and limited.best_test_epoch <= 3
+    assert limited.avg_bits == limited.best_epoch  # the selected checkpoint's own bits
+
+
+def test_an_unreachable_bit_limit_is_a_clean_error():
+    with pytest.raises(GnnqError, match=r"select_max_bits=5\b.*fewest average bits in 3 "
+                                        r"epochs were 6\.00"):
+        fit(epochs=3, select_max_bits=5, offset=5)
+
+
+def test_costs_of_several_passes_add_up_element_weighted():
+    first = ModelCost(BitCost(10, 20), BitCost(20, 100))
+    second = ModelCost(BitCost(30, 120), BitCost(30, 120))
+    both = first + second
+    assert both.average_bits == pytest.approx(140 / 40)
+    assert both.compression_ratio == pytest.approx(32 * 50 / 220)
+    assert ModelCost().average_bits == 32.0 and ModelCost().compression_ratio == 1.0
