@@ -257,6 +257,10 @@ class TrainConfig:
         check_range("first_run", self.first_run, 0)
         allowed = ("val_acc", "test_acc", "val_mae", "test_mae", "val_metric")
         check_choice("optimized_metric", self.optimized_metric, allowed)
+        if self.trainer.select_max_bits is not None and self.quant is None:
+            raise GnnqError(f"trainer.select_max_bits={self.trainer.select_max_bits:g} selects "
+                            f"epochs by their average bits, but without +quant the model is "
+                            f"FP32 (32 bits): add a method, e.g. +quant=a2q, or drop the limit.")
 
 
 def validate(cfg: DictConfig) -> TrainConfig:

@@ -45,6 +45,8 @@ def test_train_help_and_cfg(tmp_path):
     ("seeds=3", ["seeds", "seed", "runs", "dataset"]),
     ("trainer.scheduler.gama=3", ["trainer.scheduler.gama", "gamma", "step_size"]),
     ("model=smp model.multiplier_bound=-1", ["model.multiplier_bound", "-1", ">= 0"]),
+    ("trainer.select_max_bits=2.5", ["trainer.select_max_bits=2.5", "FP32", "+quant=a2q"]),
+    ("+quant=a2q trainer.select_max_bits=0.5", ["trainer.select_max_bits", "0.5", ">= 1"]),
     # An option of another choice of the group than the selected one.
     ("model.steps=3", ["'model.steps'", "model=gcn", "model=smp", "hidden, layers"]),
     ("+experiment=fp32_gin_reddit_binary model=gcn model.steps=3",
