@@ -35,9 +35,11 @@ class RisingBits(Quantizer):
 
 
 def fit(epochs: int, select_max_bits, offset: int = 0):
+    # The quant section only marks the model as quantized: the stub factory below is its method.
     config = TrainConfig(dataset=DatasetConfig(name="synthetic"), data=DataRootConfig(),
                          trainer=TrainerConfig(epochs=epochs, progress="none",
-                                               select_max_bits=select_max_bits))
+                                               select_max_bits=select_max_bits),
+                         quant={"name": "rising_bits"})
     task = load_task(config.data, config.dataset)
     return Trainer(config, task, lambda spec: {"input": RisingBits(offset)}).fit(0)
 
