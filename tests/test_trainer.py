@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_geometric.loader import DataLoader
 
 from gnnq.config import DatasetConfig, DataRootConfig, TrainConfig, TrainerConfig
 from gnnq.data import load_task
@@ -34,14 +35,35 @@ class RisingBits(Quantizer):
         return BitCost(float(self.elements), float(self.elements * (self.offset + self.passes)))
 
 
-def fit(epochs: int, select_max_bits, offset: int = 0):
-    # The quant section only marks the model as quantized: the stub factory below is its method.
-    config = TrainConfig(dataset=DatasetConfig(name="synthetic"), data=DataRootConfig(),
-                         trainer=TrainerConfig(epochs=epochs, progress="none",
-                                               select_max_bits=select_max_bits),
-                         quant={"name": "rising_bits"})
+class RowsAsBits(Quantizer):
+    """The identity, reporting one element per row at as many bits as the input has rows:
+    batches of different sizes have different bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows = x.size(0)
+        return x
+
+    def bit_cost(self) -> BitCost:
+        return BitCost(float(self.rows), float(self.rows ** 2))
+
+
+def make_trainer(dataset: str, factory, **trainer):
+    # The quant section only marks the model as quantized: the stub factory is its method.
+    config = TrainConfig(dataset=DatasetConfig(name=dataset), data=DataRootConfig(),
+                         trainer=TrainerConfig(progress="none", **trainer),
+                         quant={"name": "stub"})
     task = load_task(config.data, config.dataset)
-    return Trainer(config, task, lambda spec: {"input": RisingBits(offset)}).fit(0)
+    return Trainer(config, task, factory), config, task
+
+
+def fit(epochs: int, select_max_bits, offset: int = 0):
+    trainer, _, _ = make_trainer("synthetic", lambda spec: {"input": RisingBits(offset)},
+                                 epochs=epochs, select_max_bits=select_max_bits)
+    return trainer.fit(0)
 
 
 def test_only_epochs_within_the_bit_limit_are_selected():
@@ -65,3 +87,15 @@ def test_costs_of_several_passes_add_up_element_weighted():
     assert both.average_bits == pytest.approx(140 / 40)
     assert both.compression_ratio == pytest.approx(32 * 50 / 220)
     assert ModelCost().average_bits == 32.0 and ModelCost().compression_ratio == 1.0
+
+
+def test_graph_level_bits_count_every_test_batch():
+    # Only the message-passing layers (their inputs have a row per node, not per graph).
+    factory = lambda spec: {"input": RowsAsBits()} if spec.name.startswith("convs.") else {}  # noqa: E731
+    trainer, config, task = make_trainer("synthetic_graphs", factory, epochs=1, batch_size=7)
+    result = trainer.fit(0)
+    test = task.split(0, config.seed).test
+    sizes = [b.num_nodes for b in DataLoader([task.graphs[i] for i in test.tolist()],
+                                             batch_size=7)]
+    assert len(set(sizes)) > 1  # otherwise the last batch alone would give the same value
+    assert result.avg_bits == pytest.approx(sum(n * n for n in sizes) / sum(sizes))
