@@ -20,18 +20,23 @@ from gnnq.quant.base import BitCost, Quantizer
 FP32_BITS = 32.0
 
 
+NO_COST = BitCost(0.0, 0.0)
+
+
+def _plus(a: BitCost, b: BitCost) -> BitCost:
+    return BitCost(a.elements + b.elements, a.bits + b.bits)
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """Elements and bits of a model's quantized tensors, over one or more forward passes:
     ``counted`` for the quantizers in ``avg_bits``, ``total`` for every quantizer."""
 
-    counted: BitCost = BitCost(0.0, 0.0)
-    total: BitCost = BitCost(0.0, 0.0)
+    counted: BitCost = NO_COST
+    total: BitCost = NO_COST
 
     def __add__(self, other: "ModelCost") -> "ModelCost":
-        return ModelCost(*(BitCost(a.elements + b.elements, a.bits + b.bits)
-                           for a, b in ((self.counted, other.counted),
-                                        (self.total, other.total))))
+        return ModelCost(_plus(self.counted, other.counted), _plus(self.total, other.total))
 
     @property
     def average_bits(self) -> float:
@@ -48,16 +53,13 @@ class ModelCost:
 
 def model_cost(model: nn.Module) -> ModelCost:
     """The cost of ``model``'s last forward pass (each quantizer's last input)."""
-    counted, total = [0.0, 0.0], [0.0, 0.0]
+    cost = ModelCost()
     for module in model.modules():
         if isinstance(module, Quantizer):
-            cost = module.bit_cost()
-            if cost is None or cost.elements <= 0:
-                continue
-            for acc in ((counted, total) if module.counts_in_average else (total,)):
-                acc[0] += cost.elements
-                acc[1] += cost.bits
-    return ModelCost(BitCost(*counted), BitCost(*total))
+            spent = module.bit_cost()
+            if spent is not None and spent.elements > 0:
+                cost = cost + ModelCost(spent if module.counts_in_average else NO_COST, spent)
+    return cost
 
 
 def average_bits(model: nn.Module) -> float:
