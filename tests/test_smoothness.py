@@ -397,6 +397,27 @@ def test_shared_prop_alpha_is_one_parameter_per_role_and_per_model():
     torch.optim.Adam(groups)  # no parameter in two groups
 
 
+@pytest.mark.parametrize("reinit_every", [0, 2])
+def test_shared_prop_alpha_trains(reinit_every):
+    """Every step's first-call initialisation (and each re-initialisation) overwrites the
+    shared α after earlier steps of the same pass have used it; backward must still work,
+    and every step's use adds to the one gradient."""
+    task = node_task()
+    factory = smoothness(task, bits=4, share_prop_alpha=True, alpha_grad="code",
+                         reinit_every=reinit_every)
+    model = build_model(ModelConfig(name="smp", hidden=8, steps=3, correction="adjacency"),
+                        task, factory)
+    optimizer = torch.optim.Adam(build_strategy(StrategyConfig()).param_groups(
+        model, TrainerConfig()))
+    shared = model.prop.base[0].message.alpha
+    for _ in range(4):  # with reinit_every=2 the third call re-initialises mid-pass
+        optimizer.zero_grad()
+        model(task.graph.x, task.graph.edge_index).sum().backward()
+        assert shared.grad is not None and torch.isfinite(shared.grad)
+        optimizer.step()
+    assert all(q.message.alpha is shared for q in [*model.prop.base, *model.prop.gap])
+
+
 @pytest.mark.parametrize("name", ["gcn", "gin", "gat"])
 def test_the_same_quantizer_works_with_gcn_gin_gat(name):
     task = node_task()

@@ -316,7 +316,10 @@ class QLRQuantizer(Quantizer):
         if not bool(self.initialized) or reinit:
             self.initialize(x)
         self._elements = x.numel()
-        alpha = self.alpha.clamp(min=ALPHA_MIN)
+        # clamp(min) written as where(): it keeps no reference to the parameter, whose
+        # value a shared α's later initialisation overwrites within the same pass.
+        alpha = torch.where(self.alpha.detach() >= ALPHA_MIN, self.alpha,
+                            self.alpha.new_tensor(ALPHA_MIN))
         grid = make_grid(self.low.to(x.dtype), self.high.to(x.dtype), alpha.detach(),
                          self.grid_qmax)
         if not (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad)):
