@@ -4,7 +4,7 @@ low-bit quantization (Wang et al., CIKM 2023), SMP against plain APPNP propagati
     python scripts/smoothness.py                      # every group below, then the tables
     python scripts/smoothness.py --groups cora        # Cora, 10 random splits, SMP vs APPNP
     python scripts/smoothness.py --groups depth --depth-runs 3 --parallel 2
-    python scripts/smoothness.py --groups official  # the official code's forms, Cora K = 10
+    python scripts/smoothness.py --groups official    # the official code's forms, Cora K = 10
     python scripts/smoothness.py --table-only         # rebuild the Markdown (and plot) only
 
 Every job is `gnnq train +experiment=<preset> [overrides]` run as a user would (logged to the

@@ -400,8 +400,8 @@ def test_shared_prop_alpha_is_one_parameter_per_role_and_per_model():
 @pytest.mark.parametrize("reinit_every", [0, 2])
 def test_shared_prop_alpha_trains(reinit_every):
     """Every step's first-call initialisation (and each re-initialisation) overwrites the
-    shared α after earlier steps of the same pass have used it; backward must still work,
-    and every step's use adds to the one gradient."""
+    shared α after earlier steps of the same pass have used it; backward must still work
+    and reach the one shared α."""
     task = node_task()
     factory = smoothness(task, bits=4, share_prop_alpha=True, alpha_grad="code",
                          reinit_every=reinit_every)
