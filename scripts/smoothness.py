@@ -180,19 +180,17 @@ def official_table() -> str:
     quantizer's (the APPNP column has no correction, so only the α gradient and sharing)."""
     rows = ["| bits | forms | SMP: test @ best val | APPNP: test @ best val | SMP − APPNP | "
             "SMP: best test | APPNP: best test | runs |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for suffix in OFFICIAL_BITS:
-        for official, forms in ((False, "ours (defaults)"), (True, "official code's")):
-            smp = summary(job(f"smooth_smp_cora_{suffix}", official=official)[0])
-            appnp = summary(job(f"smooth_smp_cora_{suffix}", "appnp", official=official)[0])
+        # (smp, appnp) summaries with our defaults, then with the official forms
+        pairs = [tuple(summary(job(f"smooth_smp_cora_{suffix}", p, official=official)[0])
+                       for p in PROPAGATIONS) for official in (False, True)]
+        for (smp, appnp), forms in zip(pairs, ("ours (defaults)", "official code's")):
             n = "–" if smp is None else str(len(smp["runs"]))
             rows.append(f"| {CORA[suffix][0]} | {forms} | {cell(smp)} | {cell(appnp)} | "
                         f"{gap(smp, appnp)} | {cell(smp, 'best_test')} | "
                         f"{cell(appnp, 'best_test')} | {n} |")
-    notes = []
-    for suffix in OFFICIAL_BITS:
-        ours, official = ([summary(job(f"smooth_smp_cora_{suffix}", p, official=o)[0])
-                           for p in PROPAGATIONS] for o in (False, True))
-        means = [mean_of(s) for s in (*ours, *official)]
+        means = [mean_of(s) for pair in pairs for s in pair]
         if None in means:
             continue
         smp_ours, appnp_ours, smp_official, appnp_official = means

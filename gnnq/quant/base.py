@@ -59,6 +59,9 @@ class BitCost:
     elements: float
     bits: float
 
+    def __add__(self, other: "BitCost") -> "BitCost":
+        return BitCost(self.elements + other.elements, self.bits + other.bits)
+
 
 class Quantizer(nn.Module):
     """A fake quantizer: ``forward`` returns a tensor of the input's shape on the quantized grid.

@@ -23,10 +23,6 @@ FP32_BITS = 32.0
 NO_COST = BitCost(0.0, 0.0)
 
 
-def _plus(a: BitCost, b: BitCost) -> BitCost:
-    return BitCost(a.elements + b.elements, a.bits + b.bits)
-
-
 @dataclass(frozen=True)
 class ModelCost:
     """Elements and bits of a model's quantized tensors, over one or more forward passes:
@@ -36,7 +32,7 @@ class ModelCost:
     total: BitCost = NO_COST
 
     def __add__(self, other: "ModelCost") -> "ModelCost":
-        return ModelCost(_plus(self.counted, other.counted), _plus(self.total, other.total))
+        return ModelCost(self.counted + other.counted, self.total + other.total)
 
     @property
     def average_bits(self) -> float:
