@@ -185,6 +185,23 @@ def test_sampled_order_statistic_is_exact_on_large_tensors(kind):
         assert order_statistic(x, k, largest=True) == s[n - k]
 
 
+def test_sampled_order_statistic_sees_every_channel(monkeypatch):
+    """A [rows, 64] activation whose channels differ in scale (every 16th thrice the others),
+    the shape of GIN's hidden tensors: a stride that divides the width samples only some
+    channels, misplaces its threshold and falls back to searching all 1.3M values."""
+    torch.manual_seed(2)
+    scale = 1.0 + 2.0 * (torch.arange(64) % 16 == 0)
+    x = (torch.randn(20_000, 64) * scale).reshape(-1)
+    searched = []
+    topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk",
+                        lambda t, *a, **kw: searched.append(t.numel()) or topk(t, *a, **kw))
+    s = x.sort().values
+    for largest in (False, True):
+        assert order_statistic(x, 12_800, largest) == (s[-12_800] if largest else s[12_799])
+    assert max(searched) < x.numel() // 10
+
+
 def test_training_passes_update_the_ema_and_eval_uses_it():
     q = activation(bits=8, clip=0.0, momentum=0.25).train()
     q(torch.tensor([[-1.0, 3.0]]))

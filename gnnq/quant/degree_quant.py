@@ -80,8 +80,11 @@ BIT_CHOICES = (4, 8)
 DEFAULT_PERCENTILE = {8: 0.001, 4: 0.01}
 EVAL_RANGES = ("ema", "dynamic")
 #: Tensors of at least this many values find their percentiles through a strided sample.
+#: The stride is prime so that it walks every column of a row-major [rows, width] tensor;
+#: 16 sampled only 4 of 64 hidden channels and misjudged the threshold on a quarter of
+#: REDDIT-BINARY's tensors (each a fallback to topk over all values).
 SAMPLED_SEARCH_MIN = 1 << 16
-SAMPLE_STRIDE = 16
+SAMPLE_STRIDE = 17
 STE_MODES = ("masked", "identity")
 
 
@@ -159,8 +162,10 @@ def order_statistic(flat: Tensor, k: int, largest: bool) -> Tensor:
     n = flat.numel()
     if n >= SAMPLED_SEARCH_MIN and k * SAMPLE_STRIDE <= n:
         sample = flat[::SAMPLE_STRIDE]
-        top = sample.topk(min(sample.numel(), k // SAMPLE_STRIDE + 8), largest=largest,
-                          sorted=False).values
+        # The sample's rank k/stride estimates the k-th value within about sqrt(k/stride)
+        # sample ranks; 4 of those further, the threshold rarely falls short of k values.
+        rank = k // SAMPLE_STRIDE + 4 * math.isqrt(k // SAMPLE_STRIDE) + 8
+        top = sample.topk(min(sample.numel(), rank), largest=largest, sorted=False).values
         t = top.min() if largest else top.max()
         beyond = flat > t if largest else flat < t
         n_beyond = int(torch.count_nonzero(beyond))
