@@ -25,9 +25,10 @@ from gnnq.quant.degree_quant import (ActivationQuantizer, WeightQuantizer, fake_
                                      protection_probability)
 
 
-def activation(bits=8, clip=0.0, momentum=0.1, p_min=0.0, p_max=0.0, eval_ranges="ema"):
+def activation(bits=8, clip=0.0, momentum=0.1, p_min=0.0, p_max=0.0, eval_ranges="ema",
+               train_ranges="batch"):
     return ActivationQuantizer(bits, clip_fraction=clip, momentum=momentum, p_min=p_min,
-                               p_max=p_max, eval_ranges=eval_ranges)
+                               p_max=p_max, eval_ranges=eval_ranges, train_ranges=train_ranges)
 
 
 def star(num_leaves: int) -> torch.Tensor:
@@ -222,6 +223,17 @@ def test_training_passes_update_the_ema_and_eval_uses_it():
     assert torch.equal(dynamic(x), fake_quantize(x, *percentile_range(x, 0.0), 8))
 
 
+@pytest.mark.parametrize("train_ranges", ["batch", "ema"])
+def test_training_quantizes_with_its_own_or_the_updated_range(train_ranges):
+    q = activation(bits=4, momentum=0.25, train_ranges=train_ranges).train()
+    q(torch.tensor([[-1.0, 3.0]]))
+    x = torch.tensor([[-5.0, -1.0, 2.0, 7.0]])
+    out = q(x)
+    expected = (q.lo, q.hi) if train_ranges == "ema" else (torch.tensor(-5.0), torch.tensor(7.0))
+    assert torch.equal(out, fake_quantize(x, *expected, 4))
+    assert (out[0, -1] < 7.0) == (train_ranges == "ema")  # the EMA (-2, 4) clips 7
+
+
 # -- the grid --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 def test_grid_codes_and_error_within_half_a_step(bits):
@@ -326,6 +338,7 @@ def test_raw_input_can_stay_fp32():
     ({"p_max": 1.5}, ["quant.p_max", "1.5", "<= 1.0"]),
     ({"percentile": 0.5}, ["quant.percentile", "0.5", "< 0.5"]),
     ({"eval_ranges": "max"}, ["quant.eval_ranges", "'max'", "dynamic, ema"]),
+    ({"train_ranges": "ewma"}, ["quant.train_ranges", "'ewma'", "batch, ema"]),
     ({"momentum": 0.0}, ["quant.momentum", "> 0.0"]),
     ({"foo": 1}, ["quant.foo", "p_max", "percentile"]),
 ])

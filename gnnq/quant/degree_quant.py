@@ -32,9 +32,12 @@ zero on the clipped elements.
 **Ranges.** Activations use percentiles instead of min/max, so a few large aggregates (the
 high in-degree nodes) do not stretch the range of all others: ``lo`` and ``hi`` are the order
 statistics that leave the ``j = floor(percentile * (n - 1))`` smallest and ``j`` largest of the
-``n`` values outside (:func:`percentile_range`). In training every pass quantizes with the
-percentiles of its own tensor (all rows, protected ones included) and updates an exponential
-moving average ``r <- (1 - momentum) r + momentum r_pass`` (the first pass sets it). **At
+``n`` values outside (:func:`percentile_range`). Every training pass takes the percentiles
+of its own tensor (all rows, protected ones included) and updates an exponential moving
+average ``r <- (1 - momentum) r + momentum r_pass`` (the first pass sets it); it quantizes with
+its own percentiles (``train_ranges: batch``, the default) or with the updated average
+(``train_ranges: ema``, as the authors' quantizer does), so that training sees the ranges
+inference will use. **At
 eval** (``eval_ranges: ema``, the default) every tensor is quantized with those frozen EMA
 ranges, so inference needs no statistics of its own and the model is deployable as integers;
 ``eval_ranges: dynamic`` recomputes the percentiles of each eval tensor instead. Weights and
@@ -79,6 +82,7 @@ BIT_CHOICES = (4, 8)
 #: REDDIT-BINARY runner (``camlsys/degree-quant`` ``reddit_binary/main.py``, GC-PER mode).
 DEFAULT_PERCENTILE = {8: 0.001, 4: 0.01}
 EVAL_RANGES = ("ema", "dynamic")
+TRAIN_RANGES = ("batch", "ema")
 #: Tensors of at least this many values find their percentiles through a strided sample.
 #: The stride is prime so that it walks every column of a row-major [rows, width] tensor;
 #: 16 sampled only 4 of 64 hidden channels and misjudged the threshold on a quarter of
@@ -100,6 +104,7 @@ class DegreeQuantConfig:
     percentile: Optional[float] = None
     momentum: float = 0.1
     eval_ranges: str = "ema"
+    train_ranges: str = "batch"
     ste: str = "masked"
     quantize_raw_input: bool = True
 
@@ -118,6 +123,7 @@ class DegreeQuantConfig:
                             f"be >= 0 and < 0.5 (the fraction clipped at each end), or null.")
         check_range("quant.momentum", self.momentum, 0.0, 1.0, low_open=True)
         check_choice("quant.eval_ranges", self.eval_ranges, EVAL_RANGES)
+        check_choice("quant.train_ranges", self.train_ranges, TRAIN_RANGES)
         check_choice("quant.ste", self.ste, STE_MODES)
 
     @property
@@ -282,10 +288,12 @@ class ActivationQuantizer(_Uniform):
     uses_graph = True
 
     def __init__(self, bits: int, *, clip_fraction: float, momentum: float, p_min: float,
-                 p_max: float, eval_ranges: str = "ema", masked_ste: bool = True) -> None:
+                 p_max: float, eval_ranges: str = "ema", train_ranges: str = "batch",
+                 masked_ste: bool = True) -> None:
         super().__init__(bits, masked_ste)
         self.clip_fraction, self.momentum = clip_fraction, momentum
         self.p_min, self.p_max, self.eval_ranges = p_min, p_max, eval_ranges
+        self.train_ranges = train_ranges
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("tracked", torch.tensor(False))
@@ -328,7 +336,7 @@ class ActivationQuantizer(_Uniform):
                 self.lo.copy_(lo)
                 self.hi.copy_(hi)
                 self.tracked.fill_(True)
-        return lo, hi
+        return (self.lo, self.hi) if self.train_ranges == "ema" else (lo, hi)
 
     def _protected_rows(self, graph: GraphContext, x: Tensor,
                         index: Optional[Tensor]) -> Tensor:
@@ -341,7 +349,8 @@ class ActivationQuantizer(_Uniform):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, clip={self.clip_fraction}, momentum={self.momentum}, "
-                f"p=[{self.p_min}, {self.p_max}], eval_ranges={self.eval_ranges}")
+                f"p=[{self.p_min}, {self.p_max}], train_ranges={self.train_ranges}, "
+                f"eval_ranges={self.eval_ranges}")
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_graph": None}
@@ -376,7 +385,8 @@ class DegreeQuant:
         cfg = self.cfg
         return ActivationQuantizer(cfg.bits, clip_fraction=cfg.clip_fraction,
                                    momentum=cfg.momentum, p_min=cfg.p_min, p_max=cfg.p_max,
-                                   eval_ranges=cfg.eval_ranges, masked_ste=cfg.ste == "masked")
+                                   eval_ranges=cfg.eval_ranges, train_ranges=cfg.train_ranges,
+                                   masked_ste=cfg.ste == "masked")
 
     def _weight(self) -> WeightQuantizer:
         return WeightQuantizer(self.cfg.bits, self.cfg.ste == "masked")
