@@ -88,8 +88,8 @@ def dq4_reddit() -> str:
     if not runs:
         return "not run yet"
     mean, std = mean_std(r["test"] for r in runs)
-    verdict = f"{mean:.2f} ± {std:.2f} (floor {DQ4_REDDIT_MIN}: " \
-              f"{'✅' if mean >= DQ4_REDDIT_MIN else '❌'})"
+    verdict = (f"{mean:.2f} ± {std:.2f} (floor {DQ4_REDDIT_MIN}: "
+               f"{'✅' if mean >= DQ4_REDDIT_MIN else '❌'})")
     if len(runs) < 10:
         folds = ", ".join(str(r["run"]) for r in sorted(runs, key=lambda r: r["run"]))
         verdict += f", provisional: folds {folds} of 10"

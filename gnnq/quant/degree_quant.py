@@ -34,10 +34,9 @@ high in-degree nodes) do not stretch the range of all others: ``lo`` and ``hi`` 
 statistics that leave the ``j = floor(percentile * (n - 1))`` smallest and ``j`` largest of the
 ``n`` values outside (:func:`percentile_range`). Every training pass takes the percentiles
 of its own tensor (all rows, protected ones included) and updates an exponential moving
-average ``r <- (1 - momentum) r + momentum r_pass`` (the first pass sets it); it quantizes with
-its own percentiles (``train_ranges: batch``, the default) or with the updated average
-(``train_ranges: ema``, as the authors' quantizer does), so that training sees the ranges
-inference will use. **At
+average ``r <- (1 - momentum) r + momentum r_pass`` (the first pass sets it). It quantizes with
+its own percentiles (``train_ranges: batch``, the default) or with the updated average, the
+range inference will use (``train_ranges: ema``, as the authors' quantizer does). **At
 eval** (``eval_ranges: ema``, the default) every tensor is quantized with those frozen EMA
 ranges, so inference needs no statistics of its own and the model is deployable as integers;
 ``eval_ranges: dynamic`` recomputes the percentiles of each eval tensor instead. Weights and
