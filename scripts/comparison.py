@@ -22,7 +22,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import OUTPUTS, ROOT, gnnq_command, pooled_runs, run_all
+from common import OUTPUTS, ROOT, fmt, gnnq_command, pooled_runs, run_all
 
 from gnnq.train.metrics import mean_std
 
@@ -87,11 +87,11 @@ def dq4_reddit() -> str:
     runs = pooled_runs(folder("gin_reddit_binary", "DQ-INT4"))
     if not runs:
         return "not run yet"
-    mean, std = mean_std(r["test"] for r in runs)
-    verdict = (f"{mean:.2f} ± {std:.2f} (floor {DQ4_REDDIT_MIN}: "
+    mean = mean_std(r["test"] for r in runs)[0]
+    verdict = (f"{fmt(runs, 'test')} (floor {DQ4_REDDIT_MIN}: "
                f"{'✅' if mean >= DQ4_REDDIT_MIN else '❌'})")
     if len(runs) < 10:
-        folds = ", ".join(str(r["run"]) for r in sorted(runs, key=lambda r: r["run"]))
+        folds = ", ".join(str(k) for k in sorted(r["run"] for r in runs))
         verdict += f", provisional: folds {folds} of 10"
     return verdict
 
