@@ -262,6 +262,16 @@ def test_straight_through_gradient_is_zero_only_where_clipped():
     assert torch.equal(x.grad, torch.ones(5))
 
 
+def test_kept_rows_pass_unchanged_with_their_whole_gradient():
+    x = torch.tensor([[-3.0, 0.5], [4.0, 0.2], [-3.0, 0.9]], requires_grad=True)
+    out = fake_quantize(x, torch.tensor(-1.0), torch.tensor(1.0), 4, kept=torch.tensor([1]))
+    assert torch.equal(out[1], x[1].detach())
+    assert not torch.equal(out[[0, 2]], x[[0, 2]].detach())
+    out.sum().backward()
+    # Clipped elements get no gradient, except in the kept (protected) row.
+    assert torch.equal(x.grad, torch.tensor([[0.0, 1], [1, 1], [0, 1]]))
+
+
 def test_weights_use_their_min_max_and_never_the_graph():
     w = torch.randn(6, 4)
     q = WeightQuantizer(4, True)

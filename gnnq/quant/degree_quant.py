@@ -192,30 +192,40 @@ def grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 class _FakeQuantize(torch.autograd.Function):
     """``(clamp(round(x/s) + z, 0, Q) - z) s`` with a straight-through gradient, zeroed on the
-    clipped elements when ``masked``."""
+    clipped elements when ``masked``; the rows ``kept`` (protected) pass through unchanged,
+    with their whole gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, levels: int,
-                masked: bool) -> Tensor:
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, levels: int, masked: bool,
+                kept: Optional[Tensor]) -> Tensor:
         code = torch.div(x, scale).round_().add_(zero)  # in place: these tensors can be large
         ctx.masked = masked and x.requires_grad  # raw inputs need no gradient mask
         if ctx.masked:
-            ctx.save_for_backward((code >= 0) & (code <= levels))
-        return code.clamp_(0, levels).sub_(zero).mul_(scale)
+            inside = (code >= 0) & (code <= levels)
+        out = code.clamp_(0, levels).sub_(zero).mul_(scale)
+        if kept is not None:
+            # Copying the few kept rows back is several times cheaper than a where() over all.
+            out.index_copy_(0, kept, x.index_select(0, kept))
+            if ctx.masked:
+                inside.index_fill_(0, kept, True)
+        if ctx.masked:
+            ctx.save_for_backward(inside)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         if ctx.masked:
             (inside,) = ctx.saved_tensors
-            grad = grad * inside
-        return grad, None, None, None, None
+            grad = torch.where(inside, grad, 0.0)  # faster than grad * inside (no bool->float)
+        return grad, None, None, None, None, None
 
 
-def fake_quantize(x: Tensor, lo: Tensor, hi: Tensor, bits: int,
-                  masked: bool = True) -> Tensor:
-    """``x`` on the ``bits``-bit grid of ``[lo, hi]`` (module docstring)."""
+def fake_quantize(x: Tensor, lo: Tensor, hi: Tensor, bits: int, masked: bool = True,
+                  kept: Optional[Tensor] = None) -> Tensor:
+    """``x`` on the ``bits``-bit grid of ``[lo, hi]`` (module docstring), except the rows
+    indexed by ``kept``, which stay as they are."""
     scale, zero = grid(lo.to(x.dtype), hi.to(x.dtype), bits)
-    return _FakeQuantize.apply(x, scale, zero, 2 ** bits - 1, masked)
+    return _FakeQuantize.apply(x, scale, zero, 2 ** bits - 1, masked, kept)
 
 
 # -- protection ----------------------------------------------------------------------------
@@ -309,12 +319,11 @@ class ActivationQuantizer(_Uniform):
     def forward(self, x: Tensor, index: Optional[Tensor] = None) -> Tensor:
         graph, self._graph = self._graph, None
         lo, hi = self._range(x)
-        out = fake_quantize(x, lo, hi, self.bits, self.masked_ste)
-        protected = 0
+        kept, protected = None, 0
         if self.training and graph is not None and self.p_max > 0:
-            rows = self._protected_rows(graph, x, index)
-            out = torch.where(rows.view(-1, *([1] * (x.dim() - 1))), x, out)
-            protected = int(rows.sum()) * (x[0].numel() if x.size(0) else 0)
+            kept = self._protected_rows(graph, x, index).nonzero().squeeze(1)
+            protected = kept.numel() * (x[0].numel() if x.size(0) else 0)
+        out = fake_quantize(x, lo, hi, self.bits, self.masked_ste, kept)
         elements = x.numel()
         self._cost = BitCost(elements=float(elements),
                              bits=float((elements - protected) * self.bits

@@ -224,7 +224,8 @@ class _QLRFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # The official form always masks (on the output); lsq masks clipped values
             # unless the STE is the identity.
-            grad_x = grad * inside if ctx.masked or ctx.alpha_grad == "code" else grad
+            masked = ctx.masked or ctx.alpha_grad == "code"
+            grad_x = torch.where(inside, grad, 0.0) if masked else grad  # no bool->float
         if grad_alpha is None and ctx.needs_input_grad[1]:
             grad_alpha = torch.zeros_like(alpha)
         return grad_x, grad_alpha, None, None, None, None, None
