@@ -111,6 +111,12 @@ def _report(args: list[str]) -> int:
     return report_main(args)
 
 
+def _log(args: list[str]) -> int:
+    from gnnq.tracking.log_job import main as log_main
+
+    return log_main(args)
+
+
 def _export(args: list[str]) -> int:
     from gnnq.export import main as export_main
 
@@ -128,6 +134,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
               "(gnnq train --help lists the config groups)", _train),
     "report": ("Markdown table + PNG plot of finished runs from an MLflow store, grouped by "
                "dataset/model/method/bits (gnnq report --help)", _report),
+    "log": ("send finished jobs' output folders to an MLflow store (after a tracking outage, "
+            "tracking=none, or to gather jobs into one store; gnnq log --help)", _log),
     "export": ("pack a trained quantized model (checkpoint, output folder or MLflow run id) "
                "into a .safetensors integer model and verify it (gnnq export --help)", _export),
     "bench": ("packed INT8/INT4/INT2/mixed aggregation and GCN inference vs FP32; Hydra "
@@ -147,6 +155,7 @@ examples:
   gnnq train +experiment=fp32_gat_cora
   gnnq train --cfg job dataset=citeseer
   gnnq report --experiment gnnq --out results/my_comparison
+  gnnq log outputs/train/runs/<time>_cora_gcn --uri http://mlflow.example:5000
   gnnq export outputs/a2q_gcn_cora/runs/<time>_cora_gcn/checkpoints/run0.pt
   gnnq bench bench=cpu graphs=[coauthor_physics@128] precisions=[fp32,int4,int2]
 """

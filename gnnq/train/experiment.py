@@ -62,7 +62,7 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
     metric = task.metric
 
     tracker.start(config.tracking.run_name or default_run_name(config, job_overrides),
-                  tags=_tags(config), parent_run_id=parent_run_id)
+                  tags=job_tags(config), parent_run_id=parent_run_id)
     tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
 
     def on_epoch(run: int, epoch: int, scores: dict[str, float]) -> None:
@@ -90,8 +90,8 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
     summary = _write_summary(output_dir, config, task, results, metric, time.time() - started,
                              error)
     analysis = _method_artifacts(quantizers, config, task, results, output_dir)
-    summary["mlflow_run_id"] = _finish_tracking(tracker, output_dir, summary["metrics"], status,
-                                                config, analysis)
+    summary["mlflow_run_id"] = finish_tracking(tracker, output_dir, summary["metrics"], status,
+                                               config, analysis)
     if error is not None:
         raise error
     return summary
@@ -103,7 +103,7 @@ def _epoch_key(key: str, metric: str) -> str:
     return f"{key}_{metric}" if key in ("train", "val", "test") else key
 
 
-def _tags(config: TrainConfig) -> dict[str, str]:
+def job_tags(config: TrainConfig) -> dict[str, str]:
     return {"gnnq.version": __version__, "dataset": config.dataset.name,
             "model": config.model.name, "method": (config.quant or {}).get("name", "fp32"),
             **{str(k): str(v) for k, v in config.tags.items()}}
@@ -156,8 +156,8 @@ def _method_artifacts(quantizers, config: TrainConfig, task, results: list[RunRe
         return []
 
 
-def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, float], status: str,
-                     config: TrainConfig, analysis: list[Path]) -> Optional[str]:
+def finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, float],
+                    status: str, config: TrainConfig, analysis: list[Path]) -> Optional[str]:
     """Send final metrics and artifacts; a tracking failure here loses nothing on disk.
 
     Returns the MLflow run id (``None`` without tracking or when tracking failed)."""
@@ -174,5 +174,6 @@ def _finish_tracking(tracker: Tracker, output_dir: Path, metrics: dict[str, floa
         return tracker.run_id
     except Exception as err:  # noqa: BLE001 - never lose finished work to a tracking failure
         log.error("Tracking failed (%s: %s). Every result is kept in %s (summary.json, "
-                  "checkpoints/).", type(err).__name__, err, output_dir)
+                  "checkpoints/); once the store works, send them with: gnnq log %s",
+                  type(err).__name__, err, output_dir, output_dir)
         return None

@@ -1,0 +1,102 @@
+"""``gnnq log``: send a finished job's output folder to an MLflow store.
+
+A job writes its results to its output folder before it talks to the tracker, so a store
+that was unreachable, or a job run with ``tracking=none``, loses nothing: this command logs
+the folder afterwards as the job would have (the same tags, the validated config as params,
+the final metrics, the summary, config and analysis files as artifacts; per-epoch curves
+exist only in a live run). Into another store it copies a job, e.g. to build one comparison
+from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from gnnq.config import TrainConfig, validate
+from gnnq.errors import GnnqError
+from gnnq.tracking.mlflow_tracker import MlflowTracker, flatten
+
+#: Tag naming the folder a logged job came from (absolute path).
+SOURCE_TAG = "gnnq.logged_from"
+
+
+def read_job(folder: Path) -> tuple[dict, TrainConfig]:
+    """The job's ``summary.json`` and validated config, with a clear error if either is
+    missing or unreadable."""
+    summary_path, config_path = folder / "summary.json", folder / ".hydra" / "config.yaml"
+    for path in (summary_path, config_path):
+        if not path.is_file():
+            raise GnnqError(f"{folder} is not a finished gnnq job's output folder: {path.name} "
+                            f"is missing (a job writes summary.json and .hydra/config.yaml "
+                            f"when it ends). Pass the folder that holds them.")
+    try:
+        summary = json.loads(summary_path.read_text())
+        metrics = summary["metrics"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise GnnqError(f"{summary_path} is corrupt ({type(err).__name__}: {err}); it cannot be "
+                        f"logged. Rerun the job, or restore the file.") from None
+    if not metrics.get("runs_completed"):
+        raise GnnqError(f"{folder} holds no finished run (runs_completed is 0); nothing to log.")
+    return summary, validate(OmegaConf.load(config_path))
+
+
+def logged_run(tracker: MlflowTracker, folder: Path) -> Optional[str]:
+    """The id of a run of the tracker's experiment already logged from ``folder``."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id()], f"tags.`{SOURCE_TAG}` = '{folder}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] = None,
+            run_name: Optional[str] = None) -> tuple[str, bool]:
+    """Log the finished job in ``folder`` (to the store, experiment and run name its config
+    names unless given). Returns ``(run id, logged now)``; ``logged now`` is False when the
+    experiment already held a run from this folder."""
+    from gnnq.train.experiment import default_run_name, finish_tracking, job_tags
+
+    folder = Path(folder).resolve()
+    summary, config = read_job(folder)
+    tracking = replace(config.tracking, backend="mlflow",
+                       uri=uri or config.tracking.uri,
+                       experiment=experiment or config.tracking.experiment,
+                       run_name=run_name or config.tracking.run_name)
+    config = replace(config, tracking=tracking)
+    tracker = MlflowTracker(tracking)
+    existing = logged_run(tracker, folder)
+    if existing is not None:
+        return existing, False
+    tracker.start(tracking.run_name or default_run_name(config),
+                  tags={**job_tags(config), SOURCE_TAG: str(folder)}, parent_run_id=None)
+    tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
+    analysis = sorted(p for p in (folder / "analysis").glob("*") if p.is_file())
+    status = "FINISHED" if summary.get("error") is None else "FAILED"
+    run_id = finish_tracking(tracker, folder, summary["metrics"], status, config, analysis)
+    if run_id is None:
+        raise GnnqError(f"Logging {folder} to {tracking.uri} failed (the reason is logged "
+                        f"above); the folder is unchanged, so the command can be repeated.")
+    return run_id, True
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gnnq log", description="Log finished gnnq jobs' output folders (summary.json, "
+        ".hydra/config.yaml) to an MLflow store: after a tracking outage, after tracking=none, "
+        "or to gather jobs into one store.")
+    parser.add_argument("folders", nargs="+", type=Path, help="a job's output folder")
+    parser.add_argument("--uri", help="MLflow tracking URI (default: the job's tracking.uri)")
+    parser.add_argument("--experiment",
+                        help="MLflow experiment (default: the job's tracking.experiment)")
+    parser.add_argument("--run-name", help="run name (default: the job's tracking.run_name, "
+                        "else model-dataset-method)")
+    options = parser.parse_args(args)
+    for folder in options.folders:
+        run_id, logged = log_job(folder, options.uri, options.experiment, options.run_name)
+        print(f"gnnq: {folder} -> MLflow run {run_id}"
+              + ("" if logged else " (already logged there; nothing sent)"))
+    return 0

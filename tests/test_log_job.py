@@ -1,0 +1,89 @@
+"""`gnnq log`: a finished job's folder sent to a store later, as the job would have logged it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gnnq.cli import EXIT_USER_ERROR, main
+
+from conftest import run_gnnq
+
+FAST = ["dataset=synthetic", "runs=2", "trainer.epochs=3", "trainer.progress=none"]
+TRACKING_PARAMS = ("tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.backend")
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def live_job(tmp_path_factory):
+    """A job tracked live, and its output folder."""
+    work = tmp_path_factory.mktemp("log_job")
+    uri = f"sqlite:///{work}/live.db"
+    proc = run_gnnq("train", *FAST, "+quant=a2q", f"tracking.uri={uri}",
+                    "tracking.experiment=live", f"hydra.run.dir={work}/job", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = _runs(uri, "live")
+    return work, run
+
+
+def test_logged_job_matches_the_live_run_and_is_logged_once(live_job, capsys):
+    work, live = live_job
+    uri = f"sqlite:///{work}/gathered.db"
+    args = ("log", str(work / "job"), "--uri", uri, "--experiment", "gathered",
+            "--run-name", "copied")
+    proc = run_gnnq(*args, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = _runs(uri, "gathered")
+    assert run.info.status == "FINISHED" and run.info.run_name == "copied"
+    assert run.data.tags["gnnq.logged_from"] == str((work / "job").resolve())
+    for tag in ("dataset", "model", "method", "gnnq.version"):
+        assert run.data.tags[tag] == live.data.tags[tag]
+    same = lambda params: {k: v for k, v in params.items() if k not in TRACKING_PARAMS}  # noqa: E731
+    assert same(run.data.params) == same(live.data.params)
+    final = {k: v for k, v in live.data.metrics.items() if "." not in k}  # not run<k>.*
+    assert run.data.metrics == final
+    summary = json.loads((work / "job" / "summary.json").read_text())
+    assert run.data.metrics["test_acc"] == summary["metrics"]["test_acc"]
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert {"summary.json", "config", "checkpoints"} <= artifacts
+    # Again: nothing new, so a report never counts the job twice.
+    assert main(list(args)) == 0 and "already logged" in capsys.readouterr().out
+    assert len(_runs(uri, "gathered")) == 1
+
+
+def test_a_job_run_without_tracking_goes_to_its_configured_store(tmp_path, monkeypatch):
+    proc = run_gnnq("train", *FAST, "tracking=none", f"hydra.run.dir={tmp_path}/job",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    monkeypatch.chdir(tmp_path)  # the job's store is the default, sqlite:///mlflow.db
+    assert main(["log", "job"]) == 0
+    (run,) = _runs(f"sqlite:///{tmp_path}/mlflow.db", "gnnq")
+    assert run.info.run_name == "gcn-synthetic-fp32" and run.data.metrics["runs_completed"] == 2
+    assert main(["report", "--uri", "sqlite:///mlflow.db", "--out", "cmp"]) == 0
+    assert "| synthetic | gcn | fp32 | fp32 | train | acc | 2 |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_folders_that_are_not_finished_jobs_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def refused(*fragments: str) -> None:
+        assert main(["log", str(tmp_path)]) == EXIT_USER_ERROR
+        message = capsys.readouterr().err
+        assert all(f in message for f in fragments), message
+
+    refused(str(tmp_path), "summary.json is missing")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "summary.json").write_text('{"metrics": {"test_acc"')
+    refused("is corrupt")
+    (tmp_path / "summary.json").write_text('{"metrics": {"runs_completed": 0}}')
+    refused("no finished run")
+    assert not (tmp_path / "mlflow.db").exists()
