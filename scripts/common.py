@@ -80,11 +80,16 @@ def run_all(jobs: Iterable[tuple], parallel: int = 1) -> None:
         raise SystemExit("failed: " + "; ".join(failed))
 
 
+def job_folders(folder: Path) -> list[Path]:
+    """The output folders of the job's parts that finished: the job's own, its shards' and
+    its single-run resumes'."""
+    parts = [folder, *sorted(folder.glob("shard*")), *sorted(folder.glob("run*"))]
+    return [p for p in parts if (p / "summary.json").exists()]
+
+
 def summaries(folder: Path) -> list[dict]:
     """The job's summary.json, or those of its shards and single-run resumes."""
-    paths = [folder / "summary.json", *sorted(folder.glob("shard*/summary.json")),
-             *sorted(folder.glob("run*/summary.json"))]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+    return [json.loads((p / "summary.json").read_text()) for p in job_folders(folder)]
 
 
 def fmt(runs: list[dict], key: str, digits: int = 2) -> str:

@@ -14,6 +14,12 @@ folds 0-9 of the fixed 10-fold CV (REDDIT-BINARY); test accuracy at the best val
 is the primary rule. Each method runs its pinned preset (its released hyperparameters):
 fp32_*, dq_int8_*, dq_int4_*, a2q_*; the smoothness-aware rows are the FP32 preset with
 `+quant=smoothness` (QLR on every stage of the same GCN/GAT/GIN). Nothing is chosen on test.
+
+Two GIN-REDDIT-BINARY cells are jobs that other results scripts run with the same preset on
+the same folds (FP32: scripts/baselines.py, A²Q: scripts/a2q.py). Where those have finished
+and this script has none of its own, their output folders are logged into this store with
+`gnnq log` instead of being trained again (about 4 and 6 core-hours); otherwise they are
+trained here like every other cell.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import OUTPUTS, ROOT, fmt, gnnq_command, pooled_runs, run_all
+from common import (OUTPUTS, ROOT, fmt, gnnq_command, job_folders, missing_runs,
+                    pooled_runs, run_all)
 
 from gnnq.train.metrics import mean_std
 
@@ -40,6 +47,9 @@ METHODS = {
     "QLR-INT2-BT*": lambda row: [f"+experiment=fp32_{row}", "+quant=smoothness", "quant.bits=2",
                                  "quant.truncation=btstar"],
 }
+# (row, method) -> the other script's folder of the identical job (module docstring)
+SHARED_JOBS = {("gin_reddit_binary", "FP32"): OUTPUTS / "baselines" / "fp32_gin_reddit_binary",
+               ("gin_reddit_binary", "A²Q"): OUTPUTS / "a2q" / "a2q_gin_reddit_binary"}
 DQ8_MAX_DROP = 1.5   # DQ-INT8 within this many pp of FP32 on every row
 DQ4_REDDIT_MIN = 85.0
 
@@ -54,6 +64,22 @@ def jobs(rows: list[str]) -> list[tuple[Path, list[str], int]]:
                                    f"tracking.run_name={row}_{folder(row, method).name}"],
              2 if "reddit" in row else 1)
             for row in rows for method, overrides in METHODS.items()]
+
+
+def log_shared_jobs(rows: list[str]) -> None:
+    """Log the other scripts' finished jobs of SHARED_JOBS into this store (once: `gnnq log`
+    skips a folder it has logged) and link their folders here, for cells with no job here."""
+    for (row, method), source in SHARED_JOBS.items():
+        here = folder(row, method)
+        if row not in rows or (here.exists() and not here.is_symlink()) or \
+                missing_runs(source, 10):
+            continue
+        subprocess.run([*gnnq_command(), "log", *map(str, job_folders(source)), "--uri", STORE,
+                        "--experiment", "comparison", "--run-name", f"{row}_{here.name}"],
+                       cwd=ROOT, check=True)
+        if not here.is_symlink():
+            here.parent.mkdir(parents=True, exist_ok=True)
+            here.symlink_to(source.resolve())
 
 
 def _mean(row: str, method: str, key: str = "test") -> float | None:
@@ -126,6 +152,7 @@ def main() -> None:
     rows = [r for r in args.rows if not (args.skip_reddit and "reddit" in r)]
     if not args.report_only:
         OUT.mkdir(parents=True, exist_ok=True)
+        log_shared_jobs(rows)
         run_all(jobs(rows), args.parallel)
     report()
 
