@@ -45,8 +45,10 @@ def test_logged_job_matches_the_live_run_and_is_logged_once(live_job, capsys):
     assert run.data.tags["gnnq.logged_from"] == str((work / "job").resolve())
     for tag in ("dataset", "model", "method", "gnnq.version"):
         assert run.data.tags[tag] == live.data.tags[tag]
-    same = lambda params: {k: v for k, v in params.items() if k not in TRACKING_PARAMS}  # noqa: E731
-    assert same(run.data.params) == same(live.data.params)
+    def untracked(params: dict) -> dict:
+        return {k: v for k, v in params.items() if k not in TRACKING_PARAMS}
+
+    assert untracked(run.data.params) == untracked(live.data.params)
     final = {k: v for k, v in live.data.metrics.items() if "." not in k}  # not run<k>.*
     assert run.data.metrics == final
     summary = json.loads((work / "job" / "summary.json").read_text())
@@ -68,7 +70,8 @@ def test_a_job_run_without_tracking_goes_to_its_configured_store(tmp_path, monke
     (run,) = _runs(f"sqlite:///{tmp_path}/mlflow.db", "gnnq")
     assert run.info.run_name == "gcn-synthetic-fp32" and run.data.metrics["runs_completed"] == 2
     assert main(["report", "--uri", "sqlite:///mlflow.db", "--out", "cmp"]) == 0
-    assert "| synthetic | gcn | fp32 | fp32 | train | acc | 2 |" in (tmp_path / "cmp.md").read_text()
+    row = "| synthetic | gcn | fp32 | fp32 | train | acc | 2 |"
+    assert row in (tmp_path / "cmp.md").read_text()
 
 
 def test_folders_that_are_not_finished_jobs_are_refused(tmp_path, monkeypatch, capsys):
