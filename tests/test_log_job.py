@@ -45,6 +45,7 @@ def test_logged_job_matches_the_live_run_and_is_logged_once(live_job, capsys):
     assert run.data.tags["gnnq.logged_from"] == str((work / "job").resolve())
     for tag in ("dataset", "model", "method", "gnnq.version"):
         assert run.data.tags[tag] == live.data.tags[tag]
+
     def untracked(params: dict) -> dict:
         return {k: v for k, v in params.items() if k not in TRACKING_PARAMS}
 
@@ -54,7 +55,7 @@ def test_logged_job_matches_the_live_run_and_is_logged_once(live_job, capsys):
     summary = json.loads((work / "job" / "summary.json").read_text())
     assert run.data.metrics["test_acc"] == summary["metrics"]["test_acc"]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
-    assert {"summary.json", "config", "checkpoints"} <= artifacts
+    assert {"summary.json", "config", "checkpoints", "analysis"} <= artifacts
     # Again: nothing new, so a report never counts the job twice.
     assert main(list(args)) == 0 and "already logged" in capsys.readouterr().out
     assert len(_runs(uri, "gathered")) == 1
