@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from gnnq.config import TrainConfig, validate
 from gnnq.errors import GnnqError
-from gnnq.tracking.mlflow_tracker import MlflowTracker, flatten
+from gnnq.tracking.mlflow_tracker import MlflowTracker
 
 #: Tag naming the folder a logged job came from (absolute path).
 SOURCE_TAG = "gnnq.logged_from"
@@ -58,7 +58,7 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
     """Log the finished job in ``folder`` (to the store, experiment and run name its config
     names unless given). Returns ``(run id, logged now)``; ``logged now`` is False when the
     experiment already held a run from this folder."""
-    from gnnq.train.experiment import default_run_name, finish_tracking, job_tags
+    from gnnq.train.experiment import default_run_name, finish_tracking, start_tracking
 
     folder = Path(folder).resolve()
     summary, config = read_job(folder)
@@ -71,9 +71,8 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
     existing = logged_run(tracker, folder)
     if existing is not None:
         return existing, False
-    tracker.start(tracking.run_name or default_run_name(config),
-                  tags={**job_tags(config), SOURCE_TAG: str(folder)}, parent_run_id=None)
-    tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
+    start_tracking(tracker, config, tracking.run_name or default_run_name(config),
+                   extra_tags={SOURCE_TAG: str(folder)})
     analysis = sorted(p for p in (folder / "analysis").glob("*") if p.is_file())
     status = "FINISHED" if summary.get("error") is None else "FAILED"
     run_id = finish_tracking(tracker, folder, summary["metrics"], status, config, analysis)

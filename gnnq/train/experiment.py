@@ -61,9 +61,8 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
     quantizers = build_quantizers(config.quant, task)
     metric = task.metric
 
-    tracker.start(config.tracking.run_name or default_run_name(config, job_overrides),
-                  tags=job_tags(config), parent_run_id=parent_run_id)
-    tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
+    start_tracking(tracker, config, config.tracking.run_name
+                   or default_run_name(config, job_overrides), parent_run_id)
 
     def on_epoch(run: int, epoch: int, scores: dict[str, float]) -> None:
         tracker.log_metrics({f"run{run}.{_epoch_key(k, metric)}": v for k, v in scores.items()},
@@ -103,10 +102,16 @@ def _epoch_key(key: str, metric: str) -> str:
     return f"{key}_{metric}" if key in ("train", "val", "test") else key
 
 
-def job_tags(config: TrainConfig) -> dict[str, str]:
-    return {"gnnq.version": __version__, "dataset": config.dataset.name,
+def start_tracking(tracker: Tracker, config: TrainConfig, run_name: str,
+                   parent_run_id: Optional[str] = None,
+                   extra_tags: Optional[dict[str, str]] = None) -> None:
+    """Open the job's run: its tags (dataset, model, method, version, ``config.tags``) and the
+    validated config as params."""
+    tags = {"gnnq.version": __version__, "dataset": config.dataset.name,
             "model": config.model.name, "method": (config.quant or {}).get("name", "fp32"),
-            **{str(k): str(v) for k, v in config.tags.items()}}
+            **{str(k): str(v) for k, v in config.tags.items()}, **(extra_tags or {})}
+    tracker.start(run_name, tags=tags, parent_run_id=parent_run_id)
+    tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(config))))
 
 
 def _save_checkpoint(output_dir: Path, config: TrainConfig, task, result: RunResult) -> None:
