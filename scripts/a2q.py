@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs, run_all, summaries
+from common import (OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs, restore_jobs,
+                    run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
@@ -42,7 +43,9 @@ class Row:
 
     @property
     def shards(self) -> int:
-        return 2 if "reddit" in self.a2q else 1
+        # A REDDIT-BINARY fold takes about an hour on one core: one process per fold, so
+        # each finished fold is kept (results/jobs/) even if the machine goes mid-job.
+        return 10 if "reddit" in self.a2q else 1
 
     def target(self) -> str:
         if self.min_acc is not None:
@@ -148,7 +151,7 @@ def jobs(parts: set[str], skip_reddit: bool) -> list[tuple[Path, list[str], int]
         todo += pareto_jobs()
     for name, (_, variants) in ABLATIONS.items():
         if name in parts:
-            shards = 2 if name == "nns" else 1
+            shards = 10 if name == "nns" else 1
             todo += [(_folder(folder), overrides, shards) for _, folder, overrides in variants]
     unique = {folder: (folder, overrides, shards) for folder, overrides, shards in todo}
     return [job for job in unique.values() if not (skip_reddit and "reddit" in str(job[0]))]
@@ -321,6 +324,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    restore_jobs()
     if not args.report_only:
         run_all(jobs(set(args.only), args.skip_reddit), args.parallel)
     text = report()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from common import OUTPUTS, ROOT, fmt, machine, run_all, summaries
+from common import OUTPUTS, ROOT, fmt, machine, restore_jobs, run_all, summaries
 
 from gnnq.train.metrics import mean_std
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="rebuild the table only")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    restore_jobs()
     if not args.table_only:
         for name in args.only:  # asked for by name: rerun even if finished
             shutil.rmtree(OUT / name, ignore_errors=True)

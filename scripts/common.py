@@ -5,6 +5,12 @@ Each job is the `gnnq` command exactly as a user types it, logged to the project
 store unless `tracking=none` is among the overrides. A job whose repeats are split into
 `shards` parallel jobs (`first_run`/`runs`) writes `shard<k>/summary.json`, a run added to an
 unfinished job `run<k>/summary.json`; readers pool them.
+
+outputs/ is scratch (checkpoints, logs) and stays out of git, so each finished job's record
+(summary, config, analysis numbers) is also kept in results/jobs/ under the same relative path.
+A script restores those records into outputs/ before it starts (`restore_jobs`), so a fresh
+clone rebuilds every table, skips every finished job, and a long job set (10 GIN-REDDIT-BINARY
+folds per method) can be finished over several machines.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -21,6 +28,10 @@ from gnnq.train.metrics import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
+ARCHIVE = ROOT / "results" / "jobs"
+# A finished job's record: all that the tables and `gnnq log` read. Checkpoints stay in
+# outputs/ (megabytes each; only scripts/export_check.py reads them).
+RECORD = ("summary.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "analysis/*.json")
 
 
 def gnnq_command() -> list[str]:
@@ -29,26 +40,48 @@ def gnnq_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("gnnq") or "gnnq"]
 
 
-def launch(folder: Path, overrides: Sequence[str], shards: int = 1, runs: int = 10,
-           first_run: int = 0) -> list[subprocess.Popen]:
-    """Start the job(s) writing into ``folder``; one process per shard, single-threaded."""
+def launch(folder: Path, overrides: Sequence[str], runs: int = 10,
+           first_run: int = 0) -> subprocess.Popen:
+    """Start one single-threaded job writing into ``folder``: runs ``first_run`` onwards."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    per_shard = runs // shards
-    jobs = []
-    for shard in range(shards):
-        target = folder / f"shard{shard}" if shards > 1 else folder
-        cmd = [*gnnq_command(), "train", *overrides, f"hydra.run.dir={target}",
-               "trainer.progress=log", f"runs={per_shard}"]
-        if shards > 1 or first_run:
-            cmd.append(f"first_run={first_run + shard * per_shard}")
-        print("+ gnnq", " ".join(cmd[1:]), flush=True)
-        jobs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
-    return jobs
+    cmd = [*gnnq_command(), "train", *overrides, f"hydra.run.dir={folder}",
+           "trainer.progress=log", f"runs={runs}"]
+    if first_run:
+        cmd.append(f"first_run={first_run}")
+    print("+ gnnq", " ".join(cmd[1:]), flush=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def archive(folder: Path) -> None:
+    """Keep the records of the job in ``folder`` (every finished part) in results/jobs/,
+    replacing what was kept of it before. A linked folder is another job's: skipped."""
+    if folder.is_symlink() or not job_folders(folder):
+        return
+    kept = ARCHIVE / folder.relative_to(OUTPUTS)
+    shutil.rmtree(kept, ignore_errors=True)
+    for part in job_folders(folder):
+        for path in (p for pattern in RECORD for p in part.glob(pattern)):
+            target = kept / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def restore_jobs() -> list[Path]:
+    """Copy the job records kept in results/jobs/ into outputs/ where the part has no
+    summary there yet (a fresh clone or another machine); returns the parts restored."""
+    restored = []
+    for summary in sorted(ARCHIVE.rglob("summary.json")):
+        part = OUTPUTS / summary.parent.relative_to(ARCHIVE)
+        if not (part / "summary.json").exists():
+            shutil.copytree(summary.parent, part, dirs_exist_ok=True)
+            restored.append(part)
+    return restored
 
 
 def missing_runs(folder: Path, runs: int) -> list[int]:
     """Run indices below ``runs`` that no summary in ``folder`` holds. None once a summary
-    records an error: a diverged job is a result (delete its folder to rerun it)."""
+    records an error: a diverged job is a result (delete its folder, here and under
+    results/jobs/, to rerun it)."""
     parts = summaries(folder)
     if any(p.get("error") for p in parts):
         return []
@@ -58,24 +91,35 @@ def missing_runs(folder: Path, runs: int) -> list[int]:
 
 def run_all(jobs: Iterable[tuple], parallel: int = 1) -> None:
     """Run ``(folder, overrides, shards[, runs])`` jobs (10 runs unless given), up to
-    ``parallel`` processes at a time. A folder that has all its runs is skipped; one that
-    has some gets each missing run as its own job in ``run<k>/``."""
-    pending = []
+    ``parallel`` processes at a time. A job of ``shards`` > 1 runs as that many processes of
+    ``runs // shards`` runs each (``shard<k>/``). A folder that has all its runs is skipped;
+    one that has some gets each missing run as its own process in ``run<k>/``. A job's record
+    is archived (results/jobs/) each time one of its processes ends, and first of all any
+    record it has from before."""
+    pending = []  # (job folder, process folder, overrides, runs, first run)
     for folder, overrides, shards, *runs in jobs:
+        archive(folder)
         total = runs[0] if runs else 10
         missing = missing_runs(folder, total)
-        if len(missing) == total:
-            pending.append((folder, overrides, shards, total, 0))
+        if len(missing) < total:
+            pending += [(folder, folder / f"run{k}", overrides, 1, k) for k in missing]
         else:
-            pending += [(folder / f"run{k}", overrides, 1, 1, k) for k in missing]
-    running: list[subprocess.Popen] = []
+            per = total // shards
+            pending += [(folder, folder / f"shard{k}" if shards > 1 else folder, overrides,
+                         per, k * per) for k in range(shards)]
+    running: dict[subprocess.Popen, Path] = {}
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
-            running += launch(*pending.pop(0))
-        finished = running.pop(0)
-        if finished.wait() != 0:
-            failed.append(" ".join(finished.args[1:]))
+            job, *process = pending.pop(0)
+            running[launch(*process)] = job
+        done = [p for p in running if p.poll() is not None]
+        if not done:
+            time.sleep(2)
+        for finished in done:
+            if finished.returncode != 0:
+                failed.append(" ".join(finished.args[1:]))
+            archive(running.pop(finished))  # a diverged job's summary is a result too
     if failed:
         raise SystemExit("failed: " + "; ".join(failed))
 

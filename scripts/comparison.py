@@ -4,11 +4,15 @@ smoothness-aware quantizer side by side under one protocol.
     python scripts/comparison.py                  # every job (finished ones are kept), then the report
     python scripts/comparison.py --parallel 2     # two jobs at a time
     python scripts/comparison.py --skip-reddit    # leave out GIN-REDDIT-BINARY (hours per method)
+    python scripts/comparison.py --rows gin_reddit_binary --methods DQ-INT4 --parallel 2
     python scripts/comparison.py --report-only
 
-Every cell is one `gnnq train` job of 10 runs logged to its own MLflow store
-(outputs/comparison/mlflow.db); the table and plot are then `gnnq report` over that store,
-exactly as a user builds a comparison from their own runs, followed by the checks below.
+Every cell is one `gnnq train` job of 10 runs (or its parts: shards, single-run resumes),
+sent to its own MLflow store (outputs/comparison/mlflow.db) with `gnnq log` once it has
+finished; the table and plot are then `gnnq report` over that store, exactly as a user builds
+a comparison from their own runs, followed by the checks below. Logging finished folders
+rather than tracking live lets the store be rebuilt from the job records kept in results/jobs/
+on any machine (`gnnq log` never logs a folder twice).
 Same protocol for every method: seeds 0-9 on the public Planetoid split (Cora, CiteSeer),
 folds 0-9 of the fixed 10-fold CV (REDDIT-BINARY); test accuracy at the best validation epoch
 is the primary rule. Each method runs its pinned preset (its released hyperparameters):
@@ -29,7 +33,7 @@ import subprocess
 from pathlib import Path
 
 from common import (OUTPUTS, ROOT, fmt, gnnq_command, job_folders, missing_runs,
-                    on_common_runs, pooled_runs, run_all)
+                    on_common_runs, pooled_runs, restore_jobs, run_all)
 
 from gnnq.train.metrics import mean_std
 
@@ -58,28 +62,33 @@ def folder(row: str, method: str) -> Path:
     return OUT / row / method.lower().replace("²", "2").replace("*", "star")
 
 
-def jobs(rows: list[str]) -> list[tuple[Path, list[str], int]]:
-    return [(folder(row, method), [*overrides(row), f"tracking.uri={STORE}",
-                                   "tracking.experiment=comparison",
-                                   f"tracking.run_name={row}_{folder(row, method).name}"],
-             2 if "reddit" in row else 1)
-            for row in rows for method, overrides in METHODS.items()]
+def jobs(rows: list[str], methods: list[str]) -> list[tuple[Path, list[str], int]]:
+    # A GIN-REDDIT-BINARY fold takes about an hour on one core: one process per fold, so
+    # each finished fold is kept (results/jobs/) even if the machine goes mid-job.
+    return [(folder(row, method), [*METHODS[method](row), "tracking=none"],
+             10 if "reddit" in row else 1)
+            for row in rows for method in methods]
 
 
-def log_shared_jobs(rows: list[str]) -> None:
-    """Log the other scripts' finished jobs of SHARED_JOBS into this store (once: `gnnq log`
-    skips a folder it has logged) and link their folders here, for cells with no job here."""
+def link_shared_jobs(rows: list[str]) -> None:
+    """Link the other scripts' finished jobs of SHARED_JOBS here, for cells with no job here."""
     for (row, method), source in SHARED_JOBS.items():
         here = folder(row, method)
-        if row not in rows or (here.exists() and not here.is_symlink()) or \
-                missing_runs(source, 10):
-            continue
-        subprocess.run([*gnnq_command(), "log", *map(str, job_folders(source)), "--uri", STORE,
-                        "--experiment", "comparison", "--run-name", f"{row}_{here.name}"],
-                       cwd=ROOT, check=True)
-        if not here.is_symlink():
+        if row in rows and not here.exists() and not missing_runs(source, 10):
             here.parent.mkdir(parents=True, exist_ok=True)
             here.symlink_to(source.resolve())
+
+
+def log_jobs(rows: list[str]) -> None:
+    """Send every finished part of every cell to this store, each cell under its own run name
+    (a folder logged before is skipped by `gnnq log`)."""
+    for row in rows:
+        for method in METHODS:
+            parts = job_folders(folder(row, method))
+            if parts:
+                subprocess.run([*gnnq_command(), "log", *map(str, parts), "--uri", STORE,
+                                "--experiment", "comparison", "--run-name",
+                                f"{row}_{folder(row, method).name}"], cwd=ROOT, check=True)
 
 
 def _mean(runs: list[dict], key: str = "test") -> float:
@@ -157,16 +166,18 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--skip-reddit", action="store_true",
                         help="leave out GIN-REDDIT-BINARY (several core-hours per method)")
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     rows = [r for r in args.rows if not (args.skip_reddit and "reddit" in r)]
+    restore_jobs()
+    link_shared_jobs(list(ROWS))
     if not args.report_only:
-        OUT.mkdir(parents=True, exist_ok=True)
-        log_shared_jobs(rows)
-        run_all(jobs(rows), args.parallel)
+        run_all(jobs(rows, args.methods), args.parallel)
+    log_jobs(list(ROWS))
     report()
 
 

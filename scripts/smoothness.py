@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from common import OUTPUTS, ROOT, fmt, machine, pooled, run_all
+from common import OUTPUTS, ROOT, fmt, machine, pooled, restore_jobs, run_all
 
 from gnnq.models.smp_prop import stable_multiplier_bound
 from gnnq.train.metrics import mean_std
@@ -411,6 +411,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     parser.add_argument("--table-only", action="store_true", help="rebuild the tables only")
     args = parser.parse_args()
+    restore_jobs()
     if not args.table_only:
         todo = [(OUT / name, overrides, 1, args.depth_runs if group == "depth" else 10)
                 for group in args.groups for name, overrides in jobs(group)

@@ -1,0 +1,69 @@
+"""The result scripts' job bookkeeping (scripts/common.py): every finished job is kept in
+results/jobs/ and restored from there, so a fresh clone skips it and rebuilds its tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import common  # noqa: E402
+
+FAST = ["dataset=synthetic", "trainer.epochs=2", "tracking=none"]
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """outputs/ and results/jobs/ of a throwaway checkout."""
+    monkeypatch.setattr(common, "OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setattr(common, "ARCHIVE", tmp_path / "results" / "jobs")
+    return tmp_path
+
+
+def test_finished_shards_are_archived_restored_and_not_run_again(tree, monkeypatch):
+    job = common.OUTPUTS / "cell"
+    common.run_all([(job, FAST, 2, 2)], parallel=2)
+    kept = common.ARCHIVE / "cell"
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        f"shard{k}/{name}" for k in (0, 1)
+        for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "summary.json")]
+    assert (job / "shard0" / "checkpoints" / "run0.pt").exists()  # kept out of the archive
+    runs = common.pooled_runs(job)
+    assert sorted(r["run"] for r in runs) == [0, 1]
+
+    # A fresh clone: outputs/ is gone, the archive restores both shards ...
+    shutil.rmtree(job)
+    assert common.missing_runs(job, 2) == [0, 1]
+    assert sorted(p.name for p in common.restore_jobs()) == ["shard0", "shard1"]
+    assert common.pooled_runs(job) == runs and common.restore_jobs() == []
+
+    # ... so nothing is trained again.
+    def no_launch(*args):
+        raise AssertionError(f"launched {args}")
+
+    monkeypatch.setattr(common, "launch", no_launch)
+    common.run_all([(job, FAST, 2, 2)], parallel=2)
+
+
+def test_a_missing_run_is_added_as_its_own_part_and_archived_with_the_rest(tree):
+    job = common.OUTPUTS / "cell"
+    part = job / "shard0"
+    (part / ".hydra").mkdir(parents=True)
+    (part / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (part / "analysis").mkdir()
+    (part / "analysis" / "bit_analysis.json").write_text("{}")
+    (part / "analysis" / "bit_histograms.png").write_bytes(b"png")
+    summary = {"runs": [{"run": 0, "test": 50.0}], "seconds": 1.0, "error": None}
+    (part / "summary.json").write_text(json.dumps(summary))
+
+    common.run_all([(job, FAST, 2, 2)], parallel=1)  # run 1 is missing: run1/
+    assert sorted(r["run"] for r in common.pooled_runs(job)) == [0, 1]
+    kept = common.ARCHIVE / "cell"
+    assert (kept / "run1" / "summary.json").exists()
+    assert (kept / "shard0" / "analysis" / "bit_analysis.json").exists()
+    assert not (kept / "shard0" / "analysis" / "bit_histograms.png").exists()
