@@ -125,7 +125,8 @@ class ModelConfig:
     pooling: str = "sum"
     batch_norm: bool = True
     # SMP (model=smp, node level): propagation steps K, teleport alpha (also the step size
-    # eta_H), "smp" or plain "appnp" propagation (multiplier held at 0), the correction
+    # eta_H), "smp", plain "appnp" propagation (multiplier held at 0) or "emp" (the official
+    # code's APPNP baseline with its edge weights 1/deg_j, spec section 3.5), the correction
     # direction ("laplacian": the exact gradient L~Delta; "adjacency": the official code's
     # A~Delta), the change-energy budget per nonzero of A~ (c = threshold * nnz), and the
     # step sizes of the multiplier and the slack, and an optional bound |lambda| <= b
@@ -144,7 +145,7 @@ class ModelConfig:
         check_choice("model.name", self.name, MODELS)
         check_range("model.steps", self.steps, 0)
         check_range("model.alpha", self.alpha, 0.0, 1.0, low_open=True)
-        check_choice("model.propagation", self.propagation, ("smp", "appnp"))
+        check_choice("model.propagation", self.propagation, ("smp", "appnp", "emp"))
         check_choice("model.correction", self.correction, ("laplacian", "adjacency"))
         for key in ("threshold", "multiplier_lr", "slack_lr"):
             check_range(f"model.{key}", getattr(self, key), 0.0)

@@ -296,6 +296,11 @@ def pack_smp(model: nn.Module, edge_index: Tensor, num_nodes: int,
              drop_roles: tuple[str, ...] = ()) -> tuple[PackedModel, dict[str, int]]:
     """Pack the SMP model (:class:`gnnq.models.SMP`): its two quantized linears and the
     grids of every propagation step's products."""
+    if model.prop.propagation == "emp":
+        raise GnnqError("This SMP model was trained with model.propagation=emp, the official "
+                        "code's baseline with its edge weights 1/deg_j; gnnq export packs "
+                        "propagation smp and appnp only (the kernels use the symmetric "
+                        "normalisation). Export a model trained with either of those.")
     capture = capture or Capture()
     mismatches: dict[str, int] = {}
     layers = []

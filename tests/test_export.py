@@ -322,6 +322,20 @@ def test_bench_config_without_hydra_matches_hydra(preset, monkeypatch):
     assert plain == hydra_cfg and tiny == hydra_cfg
 
 
+def test_the_official_emp_baseline_is_refused_with_the_choices():
+    from gnnq.config import DataRootConfig, DatasetConfig, ModelConfig
+    from gnnq.data import load_task
+    from gnnq.export import pack_model
+    from gnnq.models import build_model
+    from gnnq.quant import build_quantizers
+
+    task = load_task(DataRootConfig(), DatasetConfig(name="synthetic"))
+    model = build_model(ModelConfig(name="smp", steps=2, propagation="emp"), task,
+                        build_quantizers({"name": "smoothness", "bits": 4}, task))
+    with pytest.raises(GnnqError, match="propagation=emp.*smp and appnp"):
+        pack_model(model, task.graph.edge_index, task.graph.num_nodes)
+
+
 @pytest.mark.parametrize("propagation", ["smp", "appnp"])
 def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, tmp_path):
     """The smoothness-aware paper's own model: QLR INT4 on the MLP and on every propagation

@@ -20,6 +20,7 @@ from gnnq.models import SMP, build_model, gcn_norm
 from gnnq.models.smp_prop import (SMPProp, change_energy, multiplier_step,
                                   normalized_incidence)
 from gnnq.quant import build_quantizers
+from gnnq.quant.base import Quantizer, RoleQuantizers
 from gnnq.quant.smoothness import (QLRQuantizer, make_grid, quantize_codes,
                                    sample_skewness)
 from gnnq.quant.cost import average_bits, compression_ratio
@@ -223,6 +224,36 @@ def test_code_form_sees_only_the_side_that_the_zero_point_rounding_pushed_out():
     lsq_out.sum().backward()
     assert abs(lsq.alpha.grad.item() - q.alpha.grad.item()) > 0.5  # the two forms differ
 
+
+
+class _Unchanged(Quantizer):
+    """Passes its tensor through: as a message quantizer it forces the per-edge path."""
+
+    def forward(self, x):
+        return x
+
+    def bit_cost(self):
+        return None
+
+
+@pytest.mark.parametrize("per_edge", [False, True])
+def test_emp_is_appnp_with_the_official_codes_diagonal_edge_weights(per_edge):
+    """propagation=emp: each message from j weighted 1/d~_j (spec §3.5), i.e. APPNP over
+    (A + I) D~^-1, on both product paths (fused sparse product and per-edge messages)."""
+    n = 30
+    edge_index = small_graph(n)
+    h = torch.randn(n, 5)
+    a_loops = to_dense_adj(edge_index, max_num_nodes=n)[0].fill_diagonal_(1.0)  # one loop each
+    operator = a_loops / a_loops.sum(0, keepdim=True)  # row i: a_ij / d~_j
+    reference = h
+    for _ in range(10):
+        reference = 0.9 * operator @ reference + 0.1 * h
+    quantizers = [RoleQuantizers({"message": _Unchanged()}) for _ in range(10)] if per_edge \
+        else None
+    emp = SMPProp(10, alpha=0.1, propagation="emp", base_quantizers=quantizers)
+    torch.testing.assert_close(emp(h, edge_index), reference, atol=1e-5, rtol=1e-5)
+    appnp = SMPProp(10, alpha=0.1, propagation="appnp")(h, edge_index)
+    assert (appnp - reference).abs().max() > 1e-2  # a different operator from APPNP's
 
 # -- SMP propagation -------------------------------------------------------------------------
 def test_lambda_zero_reproduces_pyg_appnp_exactly():
@@ -461,7 +492,7 @@ def test_bad_options_name_the_key_and_the_valid_choices(quant, fragments):
         assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("field, value", [("propagation", "emp"), ("correction", "diag"),
+@pytest.mark.parametrize("field, value", [("propagation", "elastic"), ("correction", "diag"),
                                           ("steps", -1), ("alpha", 0.0)])
 def test_bad_model_options_are_refused(field, value):
     with pytest.raises(GnnqError, match=f"model.{field}"):

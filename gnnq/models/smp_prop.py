@@ -18,7 +18,7 @@ from gnnq.models.gcn_conv import gcn_norm
 from gnnq.models.utils import reset_quantizers, sparse_adj_t
 from gnnq.quant.base import RoleQuantizers
 
-PROPAGATIONS = ("smp", "appnp")
+PROPAGATIONS = ("smp", "appnp", "emp")
 CORRECTIONS = ("laplacian", "adjacency")
 
 
@@ -114,6 +114,11 @@ class SMPProp(MessagePassing):
     official code does. :math:`\lambda` and :math:`s` are scalars (the code's per-node
     copies are all equal), reset at every call, and autograd runs through them.
     ``propagation="appnp"`` holds :math:`\lambda \equiv 0`: plain APPNP, the baseline.
+    ``propagation="emp"`` is the official code's baseline ("EMP") as it runs: APPNP whose
+    product weighs the message from :math:`j` by :math:`\tilde a_{jj} = 1/\tilde d_j`, the
+    diagonal of :math:`\tilde{\mathbf{A}}`, instead of :math:`\tilde a_{ij}`, i.e. it
+    propagates with :math:`(\mathbf{A}+\mathbf{I})\tilde{\mathbf{D}}^{-1}` (a slip in the
+    released code, spec §3.5, kept to compare with the paper's baseline).
 
     Each :math:`\hat{\mathbf{A}}_q` call (base and correction, every step its own) is one
     message passing with its own quantizers:
@@ -131,7 +136,8 @@ class SMPProp(MessagePassing):
         steps (int): Number of propagation steps :math:`K`.
         alpha (float, optional): Teleport :math:`\alpha` (also the step size
             :math:`\eta_H`). (default: :obj:`0.1`)
-        propagation (str, optional): ``"smp"`` or ``"appnp"``. (default: :obj:`"smp"`)
+        propagation (str, optional): ``"smp"``, ``"appnp"`` or ``"emp"``.
+            (default: :obj:`"smp"`)
         correction (str, optional): ``"laplacian"`` or ``"adjacency"``.
             (default: :obj:`"laplacian"`)
         threshold (float, optional): :math:`\tau`, the budget per nonzero of
@@ -207,6 +213,8 @@ class SMPProp(MessagePassing):
         if self._cached_graph is not None:
             return self._cached_graph
         loops, weight = gcn_norm(edge_index, num_nodes, dtype)
+        if self.propagation == "emp":
+            weight = degree(loops[1], num_nodes, dtype=dtype).reciprocal()[loops[0]]
         built = SMPGraph(loops, weight, sparse_adj_t(loops, weight, num_nodes, dtype),
                          normalized_incidence(edge_index, num_nodes, dtype), loops.size(1))
         if self.cached:
@@ -222,7 +230,7 @@ class SMPProp(MessagePassing):
         graph = self.graph(edge_index, h.size(0), h.dtype)
         a = self.alpha
         x = h
-        if self.propagation == "appnp":
+        if self.propagation != "smp":
             for k in range(self.steps):
                 x = (1 - a) * self.product(x, graph, self.base[k]) + a * h
             return x
