@@ -33,7 +33,7 @@ import subprocess
 from pathlib import Path
 
 from common import (OUTPUTS, ROOT, fmt, gnnq_command, job_folders, missing_runs,
-                    on_common_runs, pooled_runs, restore_jobs, run_all)
+                    on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
@@ -80,15 +80,16 @@ def link_shared_jobs(rows: list[str]) -> None:
 
 
 def log_jobs(rows: list[str]) -> None:
-    """Send every finished part of every cell to this store, each cell under its own run name
-    (a folder logged before is skipped by `gnnq log`)."""
+    """Send every part of every cell that finished a run to this store, each cell under its
+    own run name (a folder logged before is skipped by `gnnq log`)."""
     for row in rows:
         for method in METHODS:
-            parts = job_folders(folder(row, method))
+            cell = folder(row, method)
+            parts = [p for p, s in zip(job_folders(cell), summaries(cell)) if s["runs"]]
             if parts:
                 subprocess.run([*gnnq_command(), "log", *map(str, parts), "--uri", STORE,
                                 "--experiment", "comparison", "--run-name",
-                                f"{row}_{folder(row, method).name}"], cwd=ROOT, check=True)
+                                f"{row}_{cell.name}"], cwd=ROOT, check=True)
 
 
 def _mean(runs: list[dict], key: str = "test") -> float:
