@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import (OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs, restore_jobs,
-                    run_all, summaries)
+from common import (FOLD_SHARDS, OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs,
+                    restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
@@ -43,9 +43,7 @@ class Row:
 
     @property
     def shards(self) -> int:
-        # A REDDIT-BINARY fold takes about an hour on one core: one process per fold, so
-        # each finished fold is kept (results/jobs/) even if the machine goes mid-job.
-        return 10 if "reddit" in self.a2q else 1
+        return FOLD_SHARDS if "reddit" in self.a2q else 1
 
     def target(self) -> str:
         if self.min_acc is not None:
@@ -151,7 +149,7 @@ def jobs(parts: set[str], skip_reddit: bool) -> list[tuple[Path, list[str], int]
         todo += pareto_jobs()
     for name, (_, variants) in ABLATIONS.items():
         if name in parts:
-            shards = 10 if name == "nns" else 1
+            shards = FOLD_SHARDS if name == "nns" else 1
             todo += [(_folder(folder), overrides, shards) for _, folder, overrides in variants]
     unique = {folder: (folder, overrides, shards) for folder, overrides, shards in todo}
     return [job for job in unique.values() if not (skip_reddit and "reddit" in str(job[0]))]

@@ -32,6 +32,9 @@ ARCHIVE = ROOT / "results" / "jobs"
 # A finished job's record: all that the tables and `gnnq log` read. Checkpoints stay in
 # outputs/ (megabytes each; only scripts/export_check.py reads them).
 RECORD = ("summary.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "analysis/*.json")
+# Shards of a GIN-REDDIT-BINARY job: a fold takes about an hour on one core, so each runs as
+# its own process and is kept (results/jobs/) even if the machine goes mid-job.
+FOLD_SHARDS = 10
 
 
 def gnnq_command() -> list[str]:
@@ -55,11 +58,12 @@ def launch(folder: Path, overrides: Sequence[str], runs: int = 10,
 def archive(folder: Path) -> None:
     """Keep the records of the job in ``folder`` (every finished part) in results/jobs/,
     replacing what was kept of it before. A linked folder is another job's: skipped."""
-    if folder.is_symlink() or not job_folders(folder):
+    parts = [] if folder.is_symlink() else job_folders(folder)
+    if not parts:
         return
     kept = ARCHIVE / folder.relative_to(OUTPUTS)
     shutil.rmtree(kept, ignore_errors=True)
-    for part in job_folders(folder):
+    for part in parts:
         for path in (p for pattern in RECORD for p in part.glob(pattern)):
             target = kept / path.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)

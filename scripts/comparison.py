@@ -32,8 +32,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import (OUTPUTS, ROOT, fmt, gnnq_command, job_folders, missing_runs,
-                    on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
+from common import (FOLD_SHARDS, OUTPUTS, ROOT, fmt, gnnq_command, job_folders,
+                    missing_runs, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
@@ -63,10 +63,8 @@ def folder(row: str, method: str) -> Path:
 
 
 def jobs(rows: list[str], methods: list[str]) -> list[tuple[Path, list[str], int]]:
-    # A GIN-REDDIT-BINARY fold takes about an hour on one core: one process per fold, so
-    # each finished fold is kept (results/jobs/) even if the machine goes mid-job.
     return [(folder(row, method), [*METHODS[method](row), "tracking=none"],
-             10 if "reddit" in row else 1)
+             FOLD_SHARDS if "reddit" in row else 1)
             for row in rows for method in methods]
 
 
