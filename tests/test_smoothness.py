@@ -23,6 +23,7 @@ from gnnq.quant import build_quantizers
 from gnnq.quant.base import Quantizer, RoleQuantizers
 from gnnq.quant.smoothness import (QLRQuantizer, make_grid, quantize_codes,
                                    sample_skewness)
+from gnnq.quant import smoothness as smoothness_module
 from gnnq.quant.cost import average_bits, compression_ratio
 from gnnq.train.strategies import build_strategy
 
@@ -224,6 +225,40 @@ def test_code_form_sees_only_the_side_that_the_zero_point_rounding_pushed_out():
     lsq_out.sum().backward()
     assert abs(lsq.alpha.grad.item() - q.alpha.grad.item()) > 0.5  # the two forms differ
 
+
+
+@pytest.mark.parametrize("alpha_grad", ["lsq", "code"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_sparse_inputs_quantize_on_their_nonzeros_as_the_dense_path_does(
+        monkeypatch, bits, alpha_grad):
+    torch.manual_seed(0)
+    x = torch.rand(400, 50) * (torch.rand(400, 50) < 0.05)  # 5 % nonzero, like bag-of-words
+    x[0, 0] = -0.3
+    runs = {}
+    for path, min_elements in (("dense", x.numel() + 1), ("sparse", x.numel())):
+        monkeypatch.setattr(smoothness_module, "SPARSE_MIN_ELEMENTS", min_elements)
+        assert (smoothness_module.sparse_support(x, "none") is None) == (path == "dense")
+        q = QLRQuantizer(bits, alpha_grad=alpha_grad)
+        gradient = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        trained = q(x)
+        (trained * gradient).sum().backward()
+        q.eval()
+        runs[path] = (q.alpha.detach().clone(), q.alpha.grad.clone(), trained.detach(),
+                      q(2 * x))
+    (alpha, grad, trained, evaluated), sparse = runs["dense"], runs["sparse"]
+    assert torch.equal(alpha, sparse[0])          # the range search picks the same α
+    assert grad.abs() > 1e-3 and torch.allclose(grad, sparse[1], rtol=1e-5, atol=1e-7)
+    assert torch.equal(trained, sparse[2]) and torch.equal(evaluated, sparse[3])
+
+
+def test_sparse_path_is_skipped_where_zeros_would_change(monkeypatch):
+    monkeypatch.setattr(smoothness_module, "SPARSE_MIN_ELEMENTS", 1)
+    x = torch.zeros(100)
+    x[:3] = 1.0
+    assert smoothness_module.sparse_support(x, "btstar") is None      # truncation moves 0
+    assert smoothness_module.sparse_support(x.requires_grad_(), "none") is None  # input grad
+    assert smoothness_module.sparse_support(torch.ones(100), "none") is None  # dense
+    assert smoothness_module.sparse_support(torch.zeros(100), "none") is None  # nothing to do
 
 
 class _Unchanged(Quantizer):

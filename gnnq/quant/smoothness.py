@@ -72,6 +72,10 @@ STE_MODES = ("identity", "masked")
 BT_LEVELS = 85          # 255 / 3: the 8-bit distance between two 2-bit levels
 ALPHA_MIN = 1e-3        # α is clamped here in forward (a zero range has no gradient)
 SCALE_EPS = torch.finfo(torch.float32).eps
+# Inputs this large and at most this dense are quantized on their nonzeros only (see
+# :func:`sparse_support`). Below the size the extra nonzero search costs about what it saves.
+SPARSE_MIN_ELEMENTS = 1 << 24
+SPARSE_MAX_DENSITY = 0.25
 
 #: Roles of activations (the feature path, counted in ``avg_bits``) and of parameters.
 ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "score")
@@ -172,6 +176,21 @@ def fake_quantize(x: Tensor, grid: Grid, truncation: str = "none", skew: int = 0
     """``(q - z) s`` on ``grid`` and the not-clipped mask (see :func:`quantize_codes`)."""
     code, inside = quantize_codes(x, grid, truncation, skew, with_mask)
     return code.sub_(grid.zero).mul_(grid.scale), inside
+
+
+def sparse_support(x: Tensor, truncation: str) -> Optional[Tensor]:
+    """The flat indices of ``x``'s nonzeros when quantizing only those gives the dense result,
+    and is worth it; ``None`` otherwise.
+
+    Every grid contains 0 with an integer zero point, so a zero stays exactly 0, inside the
+    range, with no range gradient (``x̂ - x = 0``; the official form's ``round(v) - v = 0``).
+    Truncation can move it off 0, and an input gradient would have to reach the zeros too, so
+    those take the dense path. Bag-of-words features of large graphs are the case (Coauthor
+    CS: 125M entries, 99 % zero)."""
+    if truncation != "none" or x.requires_grad or x.numel() < SPARSE_MIN_ELEMENTS:
+        return None
+    support = x.reshape(-1).nonzero().squeeze(1)
+    return support if 0 < support.numel() <= SPARSE_MAX_DENSITY * x.numel() else None
 
 
 def sample_skewness(x: Tensor) -> int:
@@ -314,8 +333,11 @@ class QLRQuantizer(Quantizer):
             self.calls += 1
         reinit = (self.training and self.reinit_every > 0 and self.calls > 1
                   and (self.calls - 1) % self.reinit_every == 0)
+        support = sparse_support(x, self.truncation)
+        values = x if support is None else x.reshape(-1)[support]
         if not bool(self.initialized) or reinit:
-            self.initialize(x)
+            # Without the zeros (error 0) the mean error only scales: the same α wins.
+            self.initialize(values)
         self._elements = x.numel()
         # clamp(min) written as where(): it keeps no reference to the parameter, whose
         # value a shared α's later initialisation overwrites within the same pass.
@@ -324,9 +346,15 @@ class QLRQuantizer(Quantizer):
         grid = make_grid(self.low.to(x.dtype), self.high.to(x.dtype), alpha.detach(),
                          self.grid_qmax)
         if not (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad)):
-            return fake_quantize(x, grid, self.truncation, int(self.skew), with_mask=False)[0]
-        return _QLRFunction.apply(x, alpha, grid, self.truncation, int(self.skew),
-                                  self.alpha_grad, self.ste == "masked")
+            out = fake_quantize(values, grid, self.truncation, int(self.skew),
+                                with_mask=False)[0]
+        else:
+            out = _QLRFunction.apply(values, alpha, grid, self.truncation, int(self.skew),
+                                     self.alpha_grad, self.ste == "masked")
+        if support is None:
+            return out
+        # In place on fresh zeros: an out-of-place scatter would copy them first.
+        return x.new_zeros(x.numel()).index_put_((support,), out).view_as(x)
 
     def candidates(self) -> list[float]:
         """The ``α`` grid of the initial range search (spec §2.2)."""
