@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import (FOLD_SHARDS, OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs,
+from common import (RUN_SHARDS, OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs,
                     restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
@@ -43,7 +43,7 @@ class Row:
 
     @property
     def shards(self) -> int:
-        return FOLD_SHARDS if "reddit" in self.a2q else 1
+        return RUN_SHARDS if "reddit" in self.a2q else 1
 
     def target(self) -> str:
         if self.min_acc is not None:
@@ -149,7 +149,7 @@ def jobs(parts: set[str], skip_reddit: bool) -> list[tuple[Path, list[str], int]
         todo += pareto_jobs()
     for name, (_, variants) in ABLATIONS.items():
         if name in parts:
-            shards = FOLD_SHARDS if name == "nns" else 1
+            shards = RUN_SHARDS if name == "nns" else 1
             todo += [(_folder(folder), overrides, shards) for _, folder, overrides in variants]
     unique = {folder: (folder, overrides, shards) for folder, overrides, shards in todo}
     return [job for job in unique.values() if not (skip_reddit and "reddit" in str(job[0]))]

@@ -32,9 +32,10 @@ ARCHIVE = ROOT / "results" / "jobs"
 # A finished job's record: all that the tables and `gnnq log` read. Checkpoints stay in
 # outputs/ (megabytes each; only scripts/export_check.py reads them).
 RECORD = ("summary.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "analysis/*.json")
-# Shards of a GIN-REDDIT-BINARY job: a fold takes about an hour on one core, so each runs as
-# its own process and is kept (results/jobs/) even if the machine goes mid-job.
-FOLD_SHARDS = 10
+# Shards of a job whose runs take an hour or so each on one core (GIN-REDDIT-BINARY folds,
+# quantized SMP on Coauthor CS): each run is its own process and is kept (results/jobs/)
+# even if the machine goes mid-job.
+RUN_SHARDS = 10
 
 
 def gnnq_command() -> list[str]:

@@ -32,7 +32,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import (FOLD_SHARDS, OUTPUTS, ROOT, fmt, gnnq_command, job_folders,
+from common import (RUN_SHARDS, OUTPUTS, ROOT, fmt, gnnq_command, job_folders,
                     missing_runs, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
@@ -64,7 +64,7 @@ def folder(row: str, method: str) -> Path:
 
 def jobs(rows: list[str], methods: list[str]) -> list[tuple[Path, list[str], int]]:
     return [(folder(row, method), [*METHODS[method](row), "tracking=none"],
-             FOLD_SHARDS if "reddit" in row else 1)
+             RUN_SHARDS if "reddit" in row else 1)
             for row in rows for method in methods]
 
 

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from common import OUTPUTS, ROOT, fmt, machine, pooled, restore_jobs, run_all
+from common import OUTPUTS, ROOT, RUN_SHARDS, fmt, machine, pooled, restore_jobs, run_all
 
 from gnnq.models.smp_prop import stable_multiplier_bound
 from gnnq.train.metrics import mean_std
@@ -458,7 +458,8 @@ def main() -> None:
     args = parser.parse_args()
     restore_jobs()
     if not args.table_only:
-        todo = [(OUT / name, overrides, 1, args.depth_runs if group == "depth" else 10)
+        todo = [(OUT / name, overrides, RUN_SHARDS if "coauthor" in name else 1,
+                 args.depth_runs if group == "depth" else 10)
                 for group in args.groups for name, overrides in jobs(group)
                 if args.only is None or name in args.only]
         run_all(todo, args.parallel)
