@@ -161,8 +161,8 @@ def pooled(folder: Path) -> Optional[dict]:
 def on_common_runs(*groups: list[dict]) -> list[list[dict]]:
     """Each group of runs restricted to the run indices (seeds/folds) that every non-empty
     group has, so unfinished jobs are compared like with like."""
-    common = set.intersection(*({r["run"] for r in runs} for runs in groups if runs)
-                              or [set()])
+    indices = [{r["run"] for r in runs} for runs in groups if runs]
+    common = set.intersection(*indices) if indices else set()
     return [[r for r in runs if r["run"] in common] for runs in groups]
 
 

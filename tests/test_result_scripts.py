@@ -67,3 +67,14 @@ def test_a_missing_run_is_added_as_its_own_part_and_archived_with_the_rest(tree)
     assert (kept / "run1" / "summary.json").exists()
     assert (kept / "shard0" / "analysis" / "bit_analysis.json").exists()
     assert not (kept / "shard0" / "analysis" / "bit_histograms.png").exists()
+
+
+def _runs(*indices):
+    return [{"run": k} for k in indices]
+
+
+def test_unfinished_jobs_are_compared_on_the_runs_they_share():
+    assert (common.on_common_runs(_runs(0, 1, 3), _runs(1, 3, 4), [])
+            == [_runs(1, 3), _runs(1, 3), []])
+    # Neither job has a run yet (a table row whose cells were never run).
+    assert common.on_common_runs([], []) == [[], []]
