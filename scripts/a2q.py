@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import (RUN_SHARDS, OUTPUTS, ROOT, fmt, machine, on_common_runs, pooled_runs,
+from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, machine, on_common_runs, pooled_runs,
                     restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std

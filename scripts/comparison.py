@@ -32,7 +32,7 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import (RUN_SHARDS, OUTPUTS, ROOT, fmt, gnnq_command, job_folders,
+from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command, job_folders,
                     missing_runs, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std

@@ -226,7 +226,6 @@ def test_code_form_sees_only_the_side_that_the_zero_point_rounding_pushed_out():
     assert abs(lsq.alpha.grad.item() - q.alpha.grad.item()) > 0.5  # the two forms differ
 
 
-
 @pytest.mark.parametrize("alpha_grad", ["lsq", "code"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_sparse_inputs_quantize_on_their_nonzeros_as_the_dense_path_does(

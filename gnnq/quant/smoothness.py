@@ -191,8 +191,10 @@ def sparse_support(x: Tensor, truncation: str) -> Optional[Tensor]:
     CS: 125M entries, 99 % zero)."""
     if truncation != "none" or x.requires_grad or x.numel() < SPARSE_MIN_ELEMENTS:
         return None
-    support = x.reshape(-1).nonzero().squeeze(1)
-    return support if 0 < support.numel() <= SPARSE_MAX_DENSITY * x.numel() else None
+    # Counted first: indexing a large dense input (ogbn-arxiv) would allocate 8 bytes an entry.
+    if not 0 < int(torch.count_nonzero(x)) <= SPARSE_MAX_DENSITY * x.numel():
+        return None
+    return x.reshape(-1).nonzero().squeeze(1)
 
 
 def sample_skewness(x: Tensor) -> int:
