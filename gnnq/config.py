@@ -118,6 +118,10 @@ class ModelConfig:
     heads: int = 8
     out_heads: int = 1
     attn_dropout: float = 0.6
+    # Node-level GCN and GAT: drop each layer's input after its input quantizer, not before
+    # (dropout's 1/(1-p) scaling then does not reach the grid the quantizer learns); false:
+    # dropout first, as the official A2Q code does (gnnq/models/node.py).
+    quantize_before_dropout: bool = False
     # GIN: learn the epsilon of (1 + eps) * x_i; MLP depth inside each GIN layer.
     train_eps: bool = False
     mlp_layers: int = 2

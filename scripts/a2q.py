@@ -123,6 +123,17 @@ ABLATIONS = {
           "trainer.weight_decay=1e-3"]),
         ("GAT-CiteSeer, A²Q (preset)", "a2q_gat_citeseer", ["+experiment=a2q_gat_citeseer"]),
     ]),
+    "gat_dropout_order": ("GAT's learned input quantized after dropout (the official order) "
+                          "or before it (`model.quantize_before_dropout=true`); bit budget "
+                          "2.5, epochs selected within 2.5 bits", [
+        (f"GAT-{name}, {order}", f"ablation_gat_{data}_budget_2.5_{folder}",
+         [f"+experiment=a2q_gat_{data}", "quant.memory_target_kb=null", "quant.bit_budget=2.5",
+          "trainer.select_max_bits=2.5", *extra])
+        for data, name in (("cora", "Cora"), ("citeseer", "CiteSeer"))
+        for order, folder, extra in (
+            ("dropout, then quantize (official)", "dropout_first", []),
+            ("quantize, then dropout", "quantize_first", ["model.quantize_before_dropout=true"]))
+    ]),
     "nns": ("Nearest Neighbor Strategy vs one shared quantizer (GIN-REDDIT-BINARY preset)", [
         ("NNS, m = 1000 (preset)", "a2q_gin_reddit_binary", ["+experiment=a2q_gin_reddit_binary"]),
         ("one shared quantizer, m = 1", "ablation_gin_reddit_binary_single",

@@ -262,6 +262,80 @@ def test_build_graph_models(name, embed, metric, shape):
     model.reset_parameters()
 
 
+class InputRecorder(GridQuantizer):
+    """A grid quantizer for layer inputs that keeps every tensor it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(step=0.25)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+def _input_recorders(recorders):
+    def factory(spec: LayerSpec):
+        if spec.index == 0:
+            return {}
+        recorders.append(InputRecorder())
+        return {"input": recorders[-1]}
+    return factory
+
+
+@pytest.mark.parametrize("name", ["gcn", "gat"])
+def test_quantize_before_dropout_changes_nothing_without_input_quantizers(name):
+    task = node_task()
+    x, edge_index = task.graph.x, task.graph.edge_index
+    outputs = []
+    for before in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=name, hidden=8, layers=3, dropout=0.5,
+                                        quantize_before_dropout=before), task)
+        outputs.append(model(x, edge_index))  # training mode: dropout is drawn
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("name", ["gcn", "gat"])
+def test_quantize_before_dropout_shows_the_quantizer_what_evaluation_shows(name):
+    """Dropping first scales the kept training inputs by 1/(1-p), so the input quantizer
+    learns on values it never meets in evaluation; quantizing first removes the gap."""
+    task = node_task()
+    x, edge_index = task.graph.x, task.graph.edge_index
+    for before in (False, True):
+        recorders: list[InputRecorder] = []
+        torch.manual_seed(0)
+        # No attention dropout: a node whose every coefficient is dropped outputs zeros.
+        model = build_model(ModelConfig(name=name, hidden=8, layers=2, dropout=0.5,
+                                        attn_dropout=0.0, quantize_before_dropout=before),
+                            task, quantizers=_input_recorders(recorders))
+        (layer_1,) = recorders
+        model.train()
+        torch.manual_seed(1)
+        train_out = model(x, edge_index)
+        model.eval()
+        eval_out = model(x, edge_index)
+        train_in, eval_in = layer_1.seen
+        # Dropout before the quantizer adds zeros (p = 0.5 of the entries) to what it sees in
+        # training only; after it, training and evaluation inputs have the same zeros.
+        gap = (train_in == 0).float().mean() - (eval_in == 0).float().mean()
+        if before:
+            assert abs(gap) < 0.05
+            if name == "gcn":  # nothing random before GCN's layer-1 quantizer
+                assert torch.equal(train_in, eval_in)
+        else:
+            assert gap > 0.2
+        assert not torch.equal(train_out, eval_out)
+
+
+def test_quantize_before_dropout_is_refused_where_no_conv_drops_its_input():
+    with pytest.raises(GnnqError, match="quantize_before_dropout.*'gin'.*gcn and gat"):
+        build_model(ModelConfig(name="gin", quantize_before_dropout=True), node_task())
+    task, _ = graph_task()
+    with pytest.raises(GnnqError, match="quantize_before_dropout.*graph-level"):
+        build_model(ModelConfig(name="gcn", quantize_before_dropout=True), task)
+
+
 def test_graph_level_gat_is_refused():
     task, _ = graph_task()
     with pytest.raises(GnnqError, match="gcn, gin"):

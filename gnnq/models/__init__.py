@@ -28,6 +28,8 @@ from gnnq.models.smp_prop import SMPProp, stable_multiplier_bound
 from gnnq.quant.base import QuantizerFactory
 
 NODE_MODELS = ("gcn", "gin", "gat", "smp")
+# Node-level models whose convs can drop their input after quantizing it.
+DROPOUT_IN_CONVS = ("gcn", "gat")
 GRAPH_MODELS = ("gcn", "gin")
 
 __all__ = [
@@ -61,16 +63,22 @@ def _node_model(cfg: ModelConfig, task: Task, out_channels: int,
     if task.num_embeddings is not None:
         raise GnnqError(f"Dataset {task.name!r} has categorical node features; embedding them "
                         "is only supported for graph-level tasks.")
+    if cfg.quantize_before_dropout and cfg.name not in DROPOUT_IN_CONVS:
+        raise GnnqError(f"model.quantize_before_dropout=true is not available for model "
+                        f"{cfg.name!r}: only the node-level {' and '.join(DROPOUT_IN_CONVS)} "
+                        f"models drop their inputs inside the convs. Set it to false, or use "
+                        f"model={' or model='.join(DROPOUT_IN_CONVS)}.")
     common = dict(in_channels=task.num_features, out_channels=out_channels,
                   hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
                   quantizers=quantizers, num_nodes=task.graph.num_nodes)
     if cfg.name == "gcn":
-        return GCN(**common)
+        return GCN(**common, quantize_before_dropout=cfg.quantize_before_dropout)
     if cfg.name == "gin":
         return GIN(**common, mlp_layers=cfg.mlp_layers, train_eps=cfg.train_eps)
     if cfg.name == "gat":
         return GAT(**common, heads=cfg.heads, out_heads=cfg.out_heads,
-                   attn_dropout=cfg.attn_dropout)
+                   attn_dropout=cfg.attn_dropout,
+                   quantize_before_dropout=cfg.quantize_before_dropout)
     if cfg.name == "smp":
         return SMP(task.num_features, out_channels, hidden=cfg.hidden, dropout=cfg.dropout,
                    steps=cfg.steps, alpha=cfg.alpha, propagation=cfg.propagation,
@@ -83,6 +91,10 @@ def _node_model(cfg: ModelConfig, task: Task, out_channels: int,
 
 def _graph_model(cfg: ModelConfig, task: Task, out_channels: int,
                  quantizers: Optional[QuantizerFactory]) -> nn.Module:
+    if cfg.quantize_before_dropout:
+        raise GnnqError(f"model.quantize_before_dropout=true is only available for node-level "
+                        f"tasks (model={' or model='.join(DROPOUT_IN_CONVS)}); dataset "
+                        f"{task.name!r} is graph-level. Set it to false.")
     common = dict(in_channels=task.num_features, out_channels=out_channels,
                   hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
                   pooling=cfg.pooling, batch_norm=cfg.batch_norm,

@@ -60,6 +60,8 @@ class QGATConv(MessagePassing):
         bias (bool, optional): Learn an additive bias. (default: :obj:`True`)
         quantizers (RoleQuantizers, optional): The layer's quantizers by role.
             (default: :obj:`None`, FP32)
+        input_dropout (float, optional): Dropout on the input after its quantizer, in
+            training (:class:`~gnnq.models.qlinear.QLinear`). (default: :obj:`0.`)
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F_{in})`, edge indices
@@ -75,7 +77,8 @@ class QGATConv(MessagePassing):
 
     def __init__(self, in_channels: int, out_channels: int, heads: int = 1,
                  concat: bool = True, negative_slope: float = 0.2, dropout: float = 0.0,
-                 bias: bool = True, quantizers: Optional[RoleQuantizers] = None) -> None:
+                 bias: bool = True, quantizers: Optional[RoleQuantizers] = None,
+                 input_dropout: float = 0.0) -> None:
         super().__init__(aggr="add", node_dim=0)
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -85,7 +88,8 @@ class QGATConv(MessagePassing):
         self.dropout = dropout
         lin_quantizers, self.q = split_roles(quantizers, LINEAR_ROLES)
         self.lin = QLinear(in_channels, heads * out_channels, bias=False,
-                           quantizers=lin_quantizers, weight_initializer="glorot")
+                           quantizers=lin_quantizers, weight_initializer="glorot",
+                           input_dropout=input_dropout)
         self.att_src = nn.Parameter(torch.empty(heads, out_channels))
         self.att_dst = nn.Parameter(torch.empty(heads, out_channels))
         if bias:

@@ -60,6 +60,8 @@ class QGCNConv(MessagePassing):
             it. Only for a fixed full-batch graph (transductive node tasks).
             (default: :obj:`False`)
         bias (bool, optional): Learn an additive bias. (default: :obj:`True`)
+        input_dropout (float, optional): Dropout on the input after its quantizer, in
+            training (:class:`~gnnq.models.qlinear.QLinear`). (default: :obj:`0.`)
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F_{in})`, edge indices
@@ -76,14 +78,14 @@ class QGCNConv(MessagePassing):
 
     def __init__(self, in_channels: int, out_channels: int,
                  quantizers: Optional[RoleQuantizers] = None, cached: bool = False,
-                 bias: bool = True) -> None:
+                 bias: bool = True, input_dropout: float = 0.0) -> None:
         super().__init__(aggr="add")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.cached = cached
         lin_quantizers, self.q = split_roles(quantizers, LINEAR_ROLES)
         self.lin = QLinear(in_channels, out_channels, bias=False, quantizers=lin_quantizers,
-                           weight_initializer="glorot")
+                           weight_initializer="glorot", input_dropout=input_dropout)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:

@@ -26,10 +26,19 @@ def _widths(in_channels: int, hidden: int, out_channels: int, layers: int) -> li
 
 
 class _ConvStack(nn.Module):
-    """``convs`` with ReLU and dropout between them; the last conv's output is returned."""
+    """``convs`` with ReLU and dropout between them; the last conv's output is returned.
+
+    ``quantize_before_dropout`` (GCN, GAT): each conv drops its input after its input
+    quantizer instead of the model before the conv (``QLinear.input_dropout``), so the
+    quantizer learns its grid on the values it meets in evaluation, not on values scaled by
+    ``1/(1-p)``. The same computation without an input quantizer; the official A²Q code
+    drops first.
+    """
 
     convs: nn.ModuleList
     dropout: float
+    # Dropout that runs inside the convs (after their input quantizers) instead of here.
+    dropout_in_convs: bool = False
 
     def reset_parameters(self) -> None:
         for conv in self.convs:
@@ -38,7 +47,9 @@ class _ConvStack(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         for k, conv in enumerate(self.convs):
             if k > 0:
-                x = F.dropout(F.relu(x), p=self.dropout, training=self.training)
+                x = F.relu(x)
+                if not self.dropout_in_convs:
+                    x = F.dropout(x, p=self.dropout, training=self.training)
             x = conv(x, edge_index)
         return x
 
@@ -55,13 +66,15 @@ class GCN(_ConvStack):
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 16, layers: int = 2,
                  dropout: float = 0.5, quantizers: Optional[QuantizerFactory] = None,
-                 num_nodes: Optional[int] = None, cached: bool = True) -> None:
+                 num_nodes: Optional[int] = None, cached: bool = True,
+                 quantize_before_dropout: bool = False) -> None:
         super().__init__()
-        self.dropout = dropout
+        self.dropout, self.dropout_in_convs = dropout, quantize_before_dropout
         make = spec_quantizers(quantizers, level="node", num_layers=layers, num_nodes=num_nodes)
         widths = _widths(in_channels, hidden, out_channels, layers)
         self.convs = nn.ModuleList(
-            QGCNConv(i, o, quantizers=make(f"convs.{k}", "gcn", k, i, o), cached=cached)
+            QGCNConv(i, o, quantizers=make(f"convs.{k}", "gcn", k, i, o), cached=cached,
+                     input_dropout=dropout if quantize_before_dropout and k > 0 else 0.0)
             for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])))
 
 
@@ -103,9 +116,9 @@ class GAT(_ConvStack):
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 8, layers: int = 2,
                  heads: int = 8, out_heads: int = 1, dropout: float = 0.6,
                  attn_dropout: float = 0.6, quantizers: Optional[QuantizerFactory] = None,
-                 num_nodes: Optional[int] = None) -> None:
+                 num_nodes: Optional[int] = None, quantize_before_dropout: bool = False) -> None:
         super().__init__()
-        self.dropout = dropout
+        self.dropout, self.dropout_in_convs = dropout, quantize_before_dropout
         make = spec_quantizers(quantizers, level="node", num_layers=layers, num_nodes=num_nodes)
         self.convs = nn.ModuleList()
         width = in_channels
@@ -114,7 +127,8 @@ class GAT(_ConvStack):
             out, n_heads = (out_channels, out_heads) if last else (hidden, heads)
             self.convs.append(QGATConv(
                 width, out, heads=n_heads, concat=not last, dropout=attn_dropout,
-                quantizers=make(f"convs.{k}", "gat", k, width, out, heads=n_heads)))
+                quantizers=make(f"convs.{k}", "gat", k, width, out, heads=n_heads),
+                input_dropout=dropout if quantize_before_dropout else 0.0))
             width = out * n_heads
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
@@ -122,6 +136,7 @@ class GAT(_ConvStack):
             if k > 0:
                 x = F.elu(x)
             # Dropout on every layer's input, the raw features included (as in the paper).
-            x = F.dropout(x, p=self.dropout, training=self.training)
+            if not self.dropout_in_convs:
+                x = F.dropout(x, p=self.dropout, training=self.training)
             x = conv(x, edge_index)
         return x

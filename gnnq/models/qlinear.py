@@ -34,6 +34,10 @@ class QLinear(nn.Module):
         weight_initializer (str, optional): ``"glorot"`` (with a zero bias; GCN/GAT) or
             ``"kaiming_uniform"`` (the :class:`torch.nn.Linear` default; MLPs).
             (default: :obj:`"kaiming_uniform"`)
+        input_dropout (float, optional): Dropout on the *quantized* input, in training. A
+            model's usual dropout before the layer scales the kept values by ``1/(1-p)``, so
+            the input quantizer learns its grid on values larger than those it meets in
+            evaluation; dropping after quantizing keeps the two the same. (default: :obj:`0.`)
 
     Shapes:
         - **input:** :math:`(*, F_{in})`; the ``input`` quantizer sees this tensor.
@@ -43,7 +47,8 @@ class QLinear(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True,
                  quantizers: Optional[RoleQuantizers] = None,
-                 weight_initializer: str = "kaiming_uniform") -> None:
+                 weight_initializer: str = "kaiming_uniform",
+                 input_dropout: float = 0.0) -> None:
         super().__init__()
         if weight_initializer not in ("glorot", "kaiming_uniform"):
             raise ValueError(f"unknown weight_initializer {weight_initializer!r}; "
@@ -51,6 +56,7 @@ class QLinear(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight_initializer = weight_initializer
+        self.input_dropout = input_dropout
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
@@ -73,9 +79,13 @@ class QLinear(nn.Module):
         reset_quantizers(self.q)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(self.q("input", x), self.q("weight", self.weight))
+        x = self.q("input", x)
+        if self.input_dropout > 0:
+            x = F.dropout(x, p=self.input_dropout, training=self.training)
+        out = F.linear(x, self.q("weight", self.weight))
         out = self.q("feature", out)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}"
+        drop = f", input_dropout={self.input_dropout:g}" if self.input_dropout > 0 else ""
+        return f"{self.in_channels}, {self.out_channels}, bias={self.bias is not None}{drop}"
