@@ -4,6 +4,7 @@ sparsity), the model, the factory on every architecture, metrics and config erro
 
 from __future__ import annotations
 
+import copy
 import resource
 
 import pytest
@@ -20,7 +21,8 @@ from gnnq.models import SMP, build_model, gcn_norm
 from gnnq.models.smp_prop import (SMPProp, change_energy, multiplier_step,
                                   normalized_incidence)
 from gnnq.quant import build_quantizers
-from gnnq.quant.base import Quantizer, RoleQuantizers
+from gnnq.quant import base as quant_base
+from gnnq.quant.base import Quantizer, RoleQuantizers, csr_values, to_csr
 from gnnq.quant.smoothness import (QLRQuantizer, make_grid, quantize_codes,
                                    sample_skewness)
 from gnnq.quant import smoothness as smoothness_module
@@ -226,68 +228,125 @@ def test_code_form_sees_only_the_side_that_the_zero_point_rounding_pushed_out():
     assert abs(lsq.alpha.grad.item() - q.alpha.grad.item()) > 0.5  # the two forms differ
 
 
+def bag_of_words(rows=400, cols=50, signed=False, density=0.05):
+    """Mostly zeros like bag-of-words features; ``signed``: one negative entry, so the zeros
+    are not the range's end."""
+    torch.manual_seed(0)
+    x = torch.rand(rows, cols) * (torch.rand(rows, cols) < density)
+    if signed:
+        x[0, 0] = -0.3
+    return x
+
+
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("alpha_grad", ["lsq", "code"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_sparse_inputs_quantize_on_their_nonzeros_as_the_dense_path_does(
-        monkeypatch, bits, alpha_grad):
-    torch.manual_seed(0)
-    x = torch.rand(400, 50) * (torch.rand(400, 50) < 0.05)  # 5 % nonzero, like bag-of-words
-    x[0, 0] = -0.3
+        monkeypatch, bits, alpha_grad, signed):
+    x = bag_of_words(signed=signed)
     runs = {}
-    for path, min_elements in (("dense", x.numel() + 1), ("sparse", x.numel())):
-        monkeypatch.setattr(smoothness_module, "SPARSE_MIN_ELEMENTS", min_elements)
+    for path in ("dense", "support", "csr"):
+        monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS",
+                            x.numel() + (path == "dense"))
         assert (smoothness_module.sparse_support(x, "none") is None) == (path == "dense")
         q = QLRQuantizer(bits, alpha_grad=alpha_grad)
         gradient = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-        trained = q(x)
-        (trained * gradient).sum().backward()
-        q.eval()
+        if path == "csr":
+            trained = q(to_csr(x))
+            values = csr_values(trained)
+            (values * gradient[x != 0]).sum().backward()
+            trained = trained.to_dense()
+            q.eval()
+            evaluated = q(to_csr(2 * x)).to_dense()
+        else:
+            trained = q(x)
+            (trained * gradient).sum().backward()
+            q.eval()
+            evaluated = q(2 * x)
         runs[path] = (q.alpha.detach().clone(), q.alpha.grad.clone(), trained.detach(),
-                      q(2 * x))
-    (alpha, grad, trained, evaluated), sparse = runs["dense"], runs["sparse"]
-    assert torch.equal(alpha, sparse[0])          # the range search picks the same α
-    assert grad.abs() > 1e-3 and torch.allclose(grad, sparse[1], rtol=1e-5, atol=1e-7)
-    assert torch.equal(trained, sparse[2]) and torch.equal(evaluated, sparse[3])
+                      evaluated, q.low.clone(), q.high.clone())
+    dense = runs["dense"]
+    assert dense[4] == (-0.3 if signed else 0.0)      # the zeros are in the range
+    # (the official form's gradient is float noise unless values fall below the range)
+    assert dense[1].abs() > 1e-3 or (alpha_grad == "code" and not signed)
+    for path in ("support", "csr"):
+        alpha, grad, trained, evaluated, low, high = runs[path]
+        assert torch.equal(alpha, dense[0])           # the range search picks the same α
+        assert torch.allclose(grad, dense[1], rtol=1e-5, atol=1e-7)
+        assert torch.equal(trained, dense[2]) and torch.equal(evaluated, dense[3])
+        assert torch.equal(low, dense[4]) and torch.equal(high, dense[5])
 
 
 def test_sparse_path_is_skipped_where_zeros_would_change(monkeypatch):
-    monkeypatch.setattr(smoothness_module, "SPARSE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS", 1)
     x = torch.zeros(100)
     x[:3] = 1.0
     assert smoothness_module.sparse_support(x, "btstar") is None      # truncation moves 0
     assert smoothness_module.sparse_support(x.requires_grad_(), "none") is None  # input grad
     assert smoothness_module.sparse_support(torch.ones(100), "none") is None  # dense
     assert smoothness_module.sparse_support(torch.zeros(100), "none") is None  # nothing to do
+    assert not QLRQuantizer(2, truncation="btstar").accepts_sparse
+    assert QLRQuantizer(2).accepts_sparse
 
 
-class _Unchanged(Quantizer):
-    """Passes its tensor through: as a message quantizer it forces the per-edge path."""
+def sparse_feature_models(monkeypatch, x, **quant):
+    """Two copies of one SMP model on ``x``: the first takes it as sparse CSR, the second as
+    it is (dense)."""
+    task = node_task(n=x.size(0), features=x.size(1))
+    task.graph.x = x
+    factory = smoothness(task, **quant) if quant else None
+    monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS", x.numel())
+    torch.manual_seed(3)
+    sparse = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
+    dense = copy.deepcopy(sparse)
+    dense.features = lambda features: features
+    assert sparse.features(x).layout == torch.sparse_csr
+    return task, sparse, dense
 
-    def forward(self, x):
-        return x
 
-    def bit_cost(self):
-        return None
+@pytest.mark.parametrize("quant", [{"bits": 4}, {}], ids=["int4", "fp32"])
+def test_smp_on_sparse_features_is_the_dense_model(monkeypatch, quant):
+    x = bag_of_words(rows=30, cols=50)
+    task, sparse, dense = sparse_feature_models(monkeypatch, x, **quant)
+    edge_index = task.graph.edge_index
+    for model in (sparse, dense):
+        model.eval()       # no dropout: the two draw differently
+        model(x, edge_index).square().mean().backward()
+    assert torch.allclose(sparse(x, edge_index), dense(x, edge_index), atol=1e-6)
+    for (name, a), (_, b) in zip(sparse.named_parameters(), dense.named_parameters()):
+        assert a.grad is not None, name
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-8), name
+    sparse.train()     # in training the dropout keeps the zeros and drops stored values
+    out = sparse(x, edge_index)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert sparse.features(x) is sparse.features(x)      # converted once
+    x.mul_(2)                                            # an in-place change is seen
+    assert torch.equal(sparse.features(x).to_dense(), x)
 
 
-@pytest.mark.parametrize("per_edge", [False, True])
-def test_emp_is_appnp_with_the_official_codes_diagonal_edge_weights(per_edge):
-    """propagation=emp: each message from j weighted 1/d~_j (spec §3.5), i.e. APPNP over
-    (A + I) D~^-1, on both product paths (fused sparse product and per-edge messages)."""
-    n = 30
-    edge_index = small_graph(n)
-    h = torch.randn(n, 5)
-    a_loops = to_dense_adj(edge_index, max_num_nodes=n)[0].fill_diagonal_(1.0)  # one loop each
-    operator = a_loops / a_loops.sum(0, keepdim=True)  # row i: a_ij / d~_j
-    reference = h
-    for _ in range(10):
-        reference = 0.9 * operator @ reference + 0.1 * h
-    quantizers = [RoleQuantizers({"message": _Unchanged()}) for _ in range(10)] if per_edge \
-        else None
-    emp = SMPProp(10, alpha=0.1, propagation="emp", base_quantizers=quantizers)
-    torch.testing.assert_close(emp(h, edge_index), reference, atol=1e-5, rtol=1e-5)
-    appnp = SMPProp(10, alpha=0.1, propagation="appnp")(h, edge_index)
-    assert (appnp - reference).abs().max() > 1e-2  # a different operator from APPNP's
+def test_sparse_features_never_densify_in_backward(monkeypatch):
+    """PyTorch's own CSR backward forms a dense gradient of the features' shape; ours must
+    not (on Coauthor CS that is 125M entries a step)."""
+    x = bag_of_words(rows=300, cols=4000, density=0.01)     # 4.8 MB dense, 12k stored
+    task, sparse, _ = sparse_feature_models(monkeypatch, x, bits=4)
+    sparse.train()
+    out = sparse(x, task.graph.edge_index)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        out.square().mean().backward()
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert 0 < largest < x.numel() * x.element_size() / 4
+    assert sparse.lin1.q.by_role["input"].alpha.grad.abs() > 0
+
+
+def test_sparse_features_stay_dense_where_the_input_quantizer_needs_zeros(monkeypatch):
+    x = bag_of_words(rows=30, cols=50)
+    task = node_task(n=30, features=50)
+    monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS", 1)
+    model = build_model(ModelConfig(name="smp", hidden=8, steps=2), task,
+                        smoothness(task, bits=2, truncation="btstar"))
+    assert model.features(x) is x
+
 
 # -- SMP propagation -------------------------------------------------------------------------
 def test_lambda_zero_reproduces_pyg_appnp_exactly():

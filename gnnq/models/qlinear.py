@@ -9,8 +9,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnnq.models.utils import reset_quantizers
+from gnnq.models.utils import dropout, reset_quantizers
 from gnnq.quant.base import RoleQuantizers
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``X Wᵀ`` for a sparse CSR ``X``. PyTorch's own backward forms the dense ``∂L/∂X``
+    (125M entries on Coauthor CS) and then masks it; this one computes it at ``X``'s
+    nonzeros only, the only entries a gradient can reach."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # beta=0: x's values are ignored, only its pattern is used
+            grad_x = torch.sparse.sampled_addmm(x, grad, weight, beta=0.0)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (x.t() @ grad).t()
+        return grad_x, grad_weight
 
 
 class QLinear(nn.Module):
@@ -40,7 +62,9 @@ class QLinear(nn.Module):
             evaluation; dropping after quantizing keeps the two the same. (default: :obj:`0.`)
 
     Shapes:
-        - **input:** :math:`(*, F_{in})`; the ``input`` quantizer sees this tensor.
+        - **input:** :math:`(*, F_{in})`; the ``input`` quantizer sees this tensor. A 2-D
+          sparse CSR input (large bag-of-words features) needs an ``input`` quantizer that
+          ``accepts_sparse``, or none; the product is then a sparse one.
         - **weight:** :math:`(F_{out}, F_{in})`, one row per output channel.
         - **output:** :math:`(*, F_{out})`; the ``feature`` quantizer sees it before the bias.
     """
@@ -81,8 +105,10 @@ class QLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.q("input", x)
         if self.input_dropout > 0:
-            x = F.dropout(x, p=self.input_dropout, training=self.training)
-        out = F.linear(x, self.q("weight", self.weight))
+            x = dropout(x, self.input_dropout, self.training)
+        weight = self.q("weight", self.weight)
+        sparse = x.layout == torch.sparse_csr
+        out = _SparseProduct.apply(x, weight) if sparse else F.linear(x, weight)
         out = self.q("feature", out)
         return out if self.bias is None else out + self.bias
 

@@ -1,4 +1,5 @@
-"""Small pieces the layers and models share: role bookkeeping, layer specs, sparse adjacency."""
+"""Small pieces the layers and models share: role bookkeeping, layer specs, sparse adjacency
+and sparse features."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import warnings
 from typing import Callable, Iterable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.utils import to_torch_csr_tensor
 
-from gnnq.quant.base import LayerSpec, QuantizerFactory, RoleQuantizers, layer_quantizers
+from gnnq.quant.base import (LayerSpec, QuantizerFactory, RoleQuantizers, csr_values,
+                             csr_with_values, layer_quantizers)
 
 #: The roles a :class:`~gnnq.models.qlinear.QLinear` applies.
 LINEAR_ROLES = ("input", "weight", "feature")
@@ -69,3 +72,11 @@ def spec_quantizers(factory: Optional[QuantizerFactory], *, level: Literal["node
         return layer_quantizers(factory, spec)
 
     return make
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """:func:`torch.nn.functional.dropout`, also on a sparse CSR tensor, whose stored values
+    it drops (a zero stays zero either way, so only the random draws differ)."""
+    if x.layout != torch.sparse_csr:
+        return F.dropout(x, p=p, training=training)
+    return csr_with_values(x, F.dropout(csr_values(x), p=p, training=training))

@@ -25,6 +25,7 @@ Quantizers without the flag are called as before, ``quantizer(x)``, and never se
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol
 
@@ -35,6 +36,84 @@ from torch import nn
 #: ``attention`` is GAT's attention vectors (a parameter, like ``weight``); ``score`` is its
 #: per-edge logits before LeakyReLU (A²Q quantizes both, separately).
 ROLES = ("input", "weight", "feature", "message", "aggregate", "update", "attention", "score")
+
+# Inputs this large and at most this dense are worth carrying on their nonzeros only
+# (:func:`mostly_zeros`): bag-of-words features of large graphs (Coauthor CS: 125M entries,
+# 99 % zero). The size keeps Cora and CiteSeer (4M and 12M entries) on the dense path, where
+# sums run in another order and their published tables rerun bit for bit.
+SPARSE_MIN_ELEMENTS = 1 << 24
+SPARSE_MAX_DENSITY = 0.25
+
+
+def mostly_zeros(x: torch.Tensor) -> bool:
+    """Whether dense ``x`` is large and sparse enough to be handled on its nonzeros only."""
+    if x.numel() < SPARSE_MIN_ELEMENTS:
+        return False
+    # Counted, not indexed: indexing a large dense input (ogbn-arxiv) would allocate 8 bytes
+    # an entry.
+    return 0 < int(torch.count_nonzero(x)) <= SPARSE_MAX_DENSITY * x.numel()
+
+
+def _csr(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # PyTorch warns on every CSR construction; only sparse @ dense is used, long supported.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        return torch.sparse_csr_tensor(like.crow_indices(), like.col_indices(), values,
+                                       like.shape)
+
+
+class _WithValues(torch.autograd.Function):
+    """``values`` on ``like``'s CSR pattern. PyTorch's own constructor backward densifies the
+    incoming gradient (125M entries on Coauthor CS) to mask it; a gradient on the same
+    pattern only needs its values."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(like)
+        return _csr(like, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if grad.layout == torch.sparse_csr:
+            return grad.values(), None
+        (like,) = ctx.saved_tensors
+        rows = torch.repeat_interleave(torch.arange(like.size(0), device=grad.device),
+                                       like.crow_indices().diff())
+        return grad[rows, like.col_indices()], None
+
+
+class _ValuesOf(torch.autograd.Function):
+    """The stored values of a CSR tensor, with the gradient sent back on its pattern."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.values().detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return _csr(x, grad)
+
+
+def csr_with_values(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The sparse CSR tensor of ``like``'s pattern holding ``values`` (autograd reaches them
+    without densifying)."""
+    return _WithValues.apply(values, like) if values.requires_grad else _csr(like, values)
+
+
+def csr_values(x: torch.Tensor) -> torch.Tensor:
+    """The stored values of the sparse CSR ``x`` (autograd reaches ``x`` without
+    densifying)."""
+    return _ValuesOf.apply(x) if x.requires_grad else x.values()
+
+
+def to_csr(x: torch.Tensor) -> torch.Tensor:
+    """Dense ``x`` as a sparse CSR tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return x.detach().to_sparse_csr()
 
 
 @dataclass(frozen=True)
@@ -74,6 +153,9 @@ class Quantizer(nn.Module):
     #: Receives the layer's :class:`GraphContext` (:meth:`set_graph`) and is called as
     #: ``quantizer(x, index)`` (see the module docstring). ``False``: ``quantizer(x)``.
     uses_graph: bool = False
+    #: ``forward`` also takes a sparse CSR tensor: it quantizes the stored values, with the
+    #: implicit zeros in the range (they stay 0), and returns the same pattern.
+    accepts_sparse: bool = False
 
     def bit_cost(self) -> Optional[BitCost]:
         """Bits spent on the tensor of the last forward pass; ``None`` before any."""

@@ -63,7 +63,8 @@ from torch import Tensor, nn
 from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.data.task import Task
 from gnnq.errors import GnnqError
-from gnnq.quant.base import BitCost, LayerSpec, Quantizer
+from gnnq.quant.base import (BitCost, LayerSpec, Quantizer, csr_values, csr_with_values,
+                             mostly_zeros)
 
 BITS = (2, 4, 8)
 TRUNCATIONS = ("none", "bt", "btstar")
@@ -72,13 +73,6 @@ STE_MODES = ("identity", "masked")
 BT_LEVELS = 85          # 255 / 3: the 8-bit distance between two 2-bit levels
 ALPHA_MIN = 1e-3        # α is clamped here in forward (a zero range has no gradient)
 SCALE_EPS = torch.finfo(torch.float32).eps
-# Inputs this large and at most this dense are quantized on their nonzeros only (see
-# :func:`sparse_support`). The size keeps Cora and CiteSeer (4M and 12M entries) on the dense
-# path: the range gradient sums in another order there, and their published tables rerun bit
-# for bit (their gain would be 30 ms and 0.2 s a step; Coauthor CS's is 2.3 s).
-SPARSE_MIN_ELEMENTS = 1 << 24
-SPARSE_MAX_DENSITY = 0.25
-
 #: Roles of activations (the feature path, counted in ``avg_bits``) and of parameters.
 ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "score")
 PARAMETER_ROLES = ("weight", "attention")
@@ -181,18 +175,14 @@ def fake_quantize(x: Tensor, grid: Grid, truncation: str = "none", skew: int = 0
 
 
 def sparse_support(x: Tensor, truncation: str) -> Optional[Tensor]:
-    """The flat indices of ``x``'s nonzeros when quantizing only those gives the dense result,
-    and is worth it; ``None`` otherwise.
+    """The flat indices of dense ``x``'s nonzeros when quantizing only those gives the dense
+    result, and is worth it (:func:`~gnnq.quant.base.mostly_zeros`); ``None`` otherwise.
 
     Every grid contains 0 with an integer zero point, so a zero stays exactly 0, inside the
     range, with no range gradient (``x̂ - x = 0``; the official form's ``round(v) - v = 0``).
     Truncation can move it off 0, and an input gradient would have to reach the zeros too, so
-    those take the dense path. Bag-of-words features of large graphs are the case (Coauthor
-    CS: 125M entries, 99 % zero)."""
-    if truncation != "none" or x.requires_grad or x.numel() < SPARSE_MIN_ELEMENTS:
-        return None
-    # Counted first: indexing a large dense input (ogbn-arxiv) would allocate 8 bytes an entry.
-    if not 0 < int(torch.count_nonzero(x)) <= SPARSE_MAX_DENSITY * x.numel():
+    those take the dense path."""
+    if truncation != "none" or x.requires_grad or not mostly_zeros(x):
         return None
     return x.reshape(-1).nonzero().squeeze(1)
 
@@ -288,6 +278,7 @@ class QLRQuantizer(Quantizer):
         if ste not in STE_MODES:
             raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
         self.bits, self.truncation, self.alpha_grad = bits, truncation, alpha_grad
+        self.accepts_sparse = truncation == "none"   # truncation moves 0 off its code
         self.ste = ste
         self.reinit_every, self.lr = reinit_every, lr
         self.counts_in_average = counts_in_average
@@ -327,9 +318,18 @@ class QLRQuantizer(Quantizer):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if x.layout == torch.sparse_csr:
+            if not self.accepts_sparse:
+                raise ValueError(f"truncation {self.truncation!r} moves zeros: needs dense input")
+            values, support = csr_values(x), None
+        else:
+            support = sparse_support(x, self.truncation)
+            values = x if support is None else x.reshape(-1)[support]
         if self.training or not bool(self.observed):
             with torch.no_grad():
-                low, high = torch.aminmax(x.detach())
+                low, high = torch.aminmax(values.detach())
+                if values.numel() < x.numel():  # the zeros left out are in the range
+                    low, high = low.clamp(max=0), high.clamp(min=0)
                 self.low.copy_(low)
                 self.high.copy_(high)
                 self.observed.fill_(True)
@@ -337,10 +337,9 @@ class QLRQuantizer(Quantizer):
             self.calls += 1
         reinit = (self.training and self.reinit_every > 0 and self.calls > 1
                   and (self.calls - 1) % self.reinit_every == 0)
-        support = sparse_support(x, self.truncation)
-        values = x if support is None else x.reshape(-1)[support]
         if not bool(self.initialized) or reinit:
-            # Without the zeros (error 0) the mean error only scales: the same α wins.
+            # On the observed range, zeros included: their error is 0, so leaving them out
+            # only scales the mean error and the same α wins.
             self.initialize(values)
         self._elements = x.numel()
         # clamp(min) written as where(): it keeps no reference to the parameter, whose
@@ -349,12 +348,14 @@ class QLRQuantizer(Quantizer):
                             self.alpha.new_tensor(ALPHA_MIN))
         grid = make_grid(self.low.to(x.dtype), self.high.to(x.dtype), alpha.detach(),
                          self.grid_qmax)
-        if not (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad)):
+        if not (torch.is_grad_enabled() and (values.requires_grad or alpha.requires_grad)):
             out = fake_quantize(values, grid, self.truncation, int(self.skew),
                                 with_mask=False)[0]
         else:
             out = _QLRFunction.apply(values, alpha, grid, self.truncation, int(self.skew),
                                      self.alpha_grad, self.ste == "masked")
+        if x.layout == torch.sparse_csr:
+            return csr_with_values(x, out)
         if support is None:
             return out
         # In place on fresh zeros: an out-of-place scatter would copy them first.
@@ -368,11 +369,12 @@ class QLRQuantizer(Quantizer):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Grid search for the ``α`` with the smallest mean ``|x̂ - x|`` on ``x``, then the
-        official post-rule (+0.1 below 0.1; below 0.5 for BT*); records the skewness."""
+        """Grid search for the ``α`` with the smallest mean ``|x̂ - x|`` on ``x`` over the
+        observed range, then the official post-rule (+0.1 below 0.1; below 0.5 for BT*);
+        records the skewness."""
         x = x.detach()
         skew = sample_skewness(x) if self.truncation == "btstar" else 0
-        low, high = x.min(), x.max()
+        low, high = self.low.to(x.dtype), self.high.to(x.dtype)
         best, best_err = 1.0, math.inf
         for candidate in self.candidates():
             grid = make_grid(low, high, torch.tensor(candidate, dtype=x.dtype), self.grid_qmax)
