@@ -285,8 +285,36 @@ def test_sparse_path_is_skipped_where_zeros_would_change(monkeypatch):
     assert smoothness_module.sparse_support(x.requires_grad_(), "none") is None  # input grad
     assert smoothness_module.sparse_support(torch.ones(100), "none") is None  # dense
     assert smoothness_module.sparse_support(torch.zeros(100), "none") is None  # nothing to do
-    assert not QLRQuantizer(2, truncation="btstar").accepts_sparse
-    assert QLRQuantizer(2).accepts_sparse
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("truncation", ["bt", "btstar"])
+def test_truncated_sparse_input_matches_dense_whether_or_not_zeros_move(truncation, signed):
+    """Unsigned bag-of-words: 0 is the grid's first level and stays; with a negative entry
+    it lies between levels, and BT/BT* move it (the output is then dense)."""
+    x = bag_of_words(signed=signed)
+    sparse_count = int((x != 0).sum())
+    assert smoothness_module.sample_skewness(x[x != 0], x.numel()) == (
+        smoothness_module.sample_skewness(x))
+    runs = []
+    for features in (x, to_csr(x)):
+        q = QLRQuantizer(2, truncation=truncation)
+        out = q(features)
+        (csr_values(out) if out.layout == torch.sparse_csr else out).sum().backward()
+        runs.append((q.alpha.detach().clone(), q.alpha.grad.clone(), q.skew.clone(),
+                     out.detach(), q.zero_image(q_grid(q), int(q.skew)).item()))
+    dense, sparse = runs
+    assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[2], sparse[2])
+    assert (sparse[3].layout == torch.sparse_csr) == (sparse[4] == 0)
+    assert (sparse[4] == 0) == (not signed)
+    sparse_out = sparse[3].to_dense() if sparse[3].layout == torch.sparse_csr else sparse[3]
+    assert torch.equal(sparse_out, dense[3])
+    if sparse[4] == 0:   # the gradient sums over the stored values only, in another order
+        assert torch.allclose(dense[1], sparse[1], rtol=1e-5) and sparse_count < x.numel()
+
+
+def q_grid(q):
+    return smoothness_module.make_grid(q.low, q.high, q.alpha.detach(), q.grid_qmax)
 
 
 def sparse_feature_models(monkeypatch, x, **quant):
@@ -337,15 +365,6 @@ def test_sparse_features_never_densify_in_backward(monkeypatch):
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert 0 < largest < x.numel() * x.element_size() / 4
     assert sparse.lin1.q.by_role["input"].alpha.grad.abs() > 0
-
-
-def test_sparse_features_stay_dense_where_the_input_quantizer_needs_zeros(monkeypatch):
-    x = bag_of_words(rows=30, cols=50)
-    task = node_task(n=30, features=50)
-    monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS", 1)
-    model = build_model(ModelConfig(name="smp", hidden=8, steps=2), task,
-                        smoothness(task, bits=2, truncation="btstar"))
-    assert model.features(x) is x
 
 
 # -- SMP propagation -------------------------------------------------------------------------

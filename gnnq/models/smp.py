@@ -34,7 +34,8 @@ class SMP(nn.Module):
     dropout, the input quantizer and the first product then touch the nonzeros only, not
     125M (CS) or 290M (Physics) dense entries. The result is the dense model's up to the
     order of sums and the dropout's random draws. It needs ``lin1``'s input quantizer, if
-    any, to accept sparse input (QLR without truncation does).
+    any, to accept sparse input (QLR does; where BT/BT* truncation moves 0, its output is
+    dense again).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int = 64,

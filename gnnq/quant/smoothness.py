@@ -187,15 +187,24 @@ def sparse_support(x: Tensor, truncation: str) -> Optional[Tensor]:
     return x.reshape(-1).nonzero().squeeze(1)
 
 
-def sample_skewness(x: Tensor) -> int:
+def sample_skewness(x: Tensor, numel: Optional[int] = None) -> int:
     """The biased sample skewness ``m3 / m2^1.5`` (scipy's default), rounded to an integer;
-    0 for a constant tensor."""
+    0 for a constant tensor. ``numel``: ``x`` holds the nonzeros of a tensor of this many
+    elements, the rest zeros."""
     x = x.detach().double().flatten()
-    centred = x - x.mean()
-    m2 = centred.pow(2).mean()
-    if x.numel() < 2 or m2 <= 0:
+    n = x.numel() if numel is None else numel
+    zeros = n - x.numel()
+    if zeros == 0:
+        centred = x - x.mean()
+        m2, m3 = centred.pow(2).mean(), centred.pow(3).mean()
+    else:
+        mean = x.sum() / n
+        centred = x - mean
+        m2 = (centred.pow(2).sum() + zeros * mean.pow(2)) / n
+        m3 = (centred.pow(3).sum() - zeros * mean.pow(3)) / n
+    if n < 2 or m2 <= 0:
         return 0
-    value = (centred.pow(3).mean() / m2.pow(1.5)).item()
+    value = (m3 / m2.pow(1.5)).item()
     return int(round(value)) if math.isfinite(value) else 0
 
 
@@ -262,7 +271,13 @@ class QLRQuantizer(Quantizer):
         alpha: A shared ``α`` parameter (``share_prop_alpha``); ``None``: its own.
         owns_alpha: This quantizer puts the shared ``α`` in the optimizer (exactly one of
             the quantizers sharing it does).
+
+    A sparse CSR input is quantized on its stored values, its implicit zeros counted in the
+    range, the range search and the skewness; the output keeps the pattern unless
+    truncation moves 0 to another level, when it is dense.
     """
+
+    accepts_sparse = True
 
     def __init__(self, bits: int = 4, truncation: str = "none", alpha_grad: str = "lsq",
                  ste: str = "identity", reinit_every: int = 0, lr: tuple[float, float] = (1e-4, 1e-5),
@@ -278,7 +293,6 @@ class QLRQuantizer(Quantizer):
         if ste not in STE_MODES:
             raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
         self.bits, self.truncation, self.alpha_grad = bits, truncation, alpha_grad
-        self.accepts_sparse = truncation == "none"   # truncation moves 0 off its code
         self.ste = ste
         self.reinit_every, self.lr = reinit_every, lr
         self.counts_in_average = counts_in_average
@@ -318,9 +332,8 @@ class QLRQuantizer(Quantizer):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if x.layout == torch.sparse_csr:
-            if not self.accepts_sparse:
-                raise ValueError(f"truncation {self.truncation!r} moves zeros: needs dense input")
+        sparse = x.layout == torch.sparse_csr
+        if sparse:
             values, support = csr_values(x), None
         else:
             support = sparse_support(x, self.truncation)
@@ -338,9 +351,7 @@ class QLRQuantizer(Quantizer):
         reinit = (self.training and self.reinit_every > 0 and self.calls > 1
                   and (self.calls - 1) % self.reinit_every == 0)
         if not bool(self.initialized) or reinit:
-            # On the observed range, zeros included: their error is 0, so leaving them out
-            # only scales the mean error and the same α wins.
-            self.initialize(values)
+            self.initialize(values, x.numel())
         self._elements = x.numel()
         # clamp(min) written as where(): it keeps no reference to the parameter, whose
         # value a shared α's later initialisation overwrites within the same pass.
@@ -348,13 +359,16 @@ class QLRQuantizer(Quantizer):
                             self.alpha.new_tensor(ALPHA_MIN))
         grid = make_grid(self.low.to(x.dtype), self.high.to(x.dtype), alpha.detach(),
                          self.grid_qmax)
+        if sparse and self.zero_image(grid, int(self.skew)) != 0:
+            # BT/BT* can send 0 to another level: the zeros are not zeros in the output
+            sparse, values = False, x.to_dense()
         if not (torch.is_grad_enabled() and (values.requires_grad or alpha.requires_grad)):
             out = fake_quantize(values, grid, self.truncation, int(self.skew),
                                 with_mask=False)[0]
         else:
             out = _QLRFunction.apply(values, alpha, grid, self.truncation, int(self.skew),
                                      self.alpha_grad, self.ste == "masked")
-        if x.layout == torch.sparse_csr:
+        if sparse:
             return csr_with_values(x, out)
         if support is None:
             return out
@@ -367,19 +381,31 @@ class QLRQuantizer(Quantizer):
             return [round(0.1 * k, 2) for k in range(1, 11)]
         return [round(0.02 * k, 2) for k in range(1, 51)]
 
+    def zero_image(self, grid: Grid, skew: int) -> Tensor:
+        """What 0 dequantizes to on ``grid``: 0 itself unless truncation moves it."""
+        zero = torch.zeros(1, dtype=grid.scale.dtype)
+        return fake_quantize(zero, grid, self.truncation, skew, with_mask=False)[0][0]
+
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        """Grid search for the ``α`` with the smallest mean ``|x̂ - x|`` on ``x`` over the
-        observed range, then the official post-rule (+0.1 below 0.1; below 0.5 for BT*);
-        records the skewness."""
+    def initialize(self, x: Tensor, numel: Optional[int] = None) -> None:
+        """Grid search for the ``α`` with the smallest mean ``|x̂ - x|`` over the observed
+        range, then the official post-rule (+0.1 below 0.1; below 0.5 for BT*); records the
+        skewness. ``numel``: ``x`` holds the nonzeros of a tensor of this many elements; the
+        zeros' error is counted without materialising them."""
         x = x.detach()
-        skew = sample_skewness(x) if self.truncation == "btstar" else 0
+        numel = x.numel() if numel is None else numel
+        zeros = numel - x.numel()
+        skew = sample_skewness(x, numel) if self.truncation == "btstar" else 0
         low, high = self.low.to(x.dtype), self.high.to(x.dtype)
         best, best_err = 1.0, math.inf
         for candidate in self.candidates():
             grid = make_grid(low, high, torch.tensor(candidate, dtype=x.dtype), self.grid_qmax)
             out, _ = fake_quantize(x, grid, self.truncation, skew, with_mask=False)
-            err = out.sub_(x).abs_().mean().item()
+            if zeros == 0:
+                err = out.sub_(x).abs_().mean().item()
+            else:
+                zero_error = self.zero_image(grid, skew).abs()
+                err = (out.sub_(x).abs_().sum() + zeros * zero_error).item() / numel
             if err < best_err:
                 best, best_err = candidate, err
         if best < (0.5 if self.truncation == "btstar" else 0.1):
