@@ -55,6 +55,14 @@ the first product touch the nonzeros only. Coauthor Physics (34,493 nodes, 8,415
 dataset=coauthor_physics trainer.epochs=10 runs=1`, another job on the second core); before
 the sparse path it took 4.87 GB and 18-19 s an epoch. The 1M-edge synthetic graph:
 `tests/test_smoothness.py::test_smp_runs_sparse_on_a_one_million_edge_graph`."""
+# Read off the jobs' logs (outputs/smoothness/<job>/shard<r>/gnnq.log; not kept in results/jobs).
+CS_MULTIPLIER_NOTE = """\
+On Coauthor CS (K = 10) the multiplier goes past the bound the depth sweep needed: the
+training pass's `multiplier_min` at epoch 200 is −3.4 to −4.2 on the 10 FP32 splits and −1.6
+to −4.6 at INT4 (9 of 10 below −2.5), so I + 2αλL̃ has negative eigenvalues and the
+correction flips the sign of the change's highest frequencies. Unbounded SMP then trails APPNP
+on all 10 FP32 splits (split 2: 81.84 vs 91.28) and on 8 of 10 at INT4; with |λ| ≤ 2.5
+(`model.multiplier_bound=2.5`) it is level with APPNP (the last column)."""
 GROUPS = ("cora", "datasets", "depth", "official", "emp")
 PROPAGATIONS = ("smp", "appnp")
 # The depth sweep's extra SMP row: the multiplier clipped to |λ| ≤ 1/(4α) (α = 0.1 in every
@@ -445,6 +453,8 @@ to the correction.
 ## CiteSeer and Coauthor CS
 
 {datasets_table()}
+
+{CS_MULTIPLIER_NOTE}
 
 {SCALE_NOTE}
 
