@@ -174,10 +174,10 @@ def order_statistic(flat: Tensor, k: int, largest: bool) -> Tensor:
         t = top.min() if largest else top.max()
         beyond = flat > t if largest else flat < t
         n_beyond = int(torch.count_nonzero(beyond))
-        if n_beyond < k <= n_beyond + int(torch.count_nonzero(flat == t)):
-            return t
         if n_beyond >= k:
             flat = flat[beyond]
+        elif k <= n_beyond + int(torch.count_nonzero(flat == t)):
+            return t
     # topk is several times faster than kthvalue on CPU.
     values = flat.topk(k, largest=largest, sorted=False).values
     return values.min() if largest else values.max()
