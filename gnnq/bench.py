@@ -615,7 +615,9 @@ def device_slug(info: dict[str, Any]) -> str:
     return match.group(1) if match else "cuda"
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig,
+              on_graph: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Time every graph of ``cfg``; ``on_graph(results)`` runs after each finished graph."""
     from gnnq.kernels import cuda
     from gnnq.kernels.backend import get_backend
 
@@ -678,6 +680,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 del methods
         results["graphs"].append(gres)
         del g
+        if on_graph is not None:
+            on_graph(results)
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
 
@@ -819,6 +823,13 @@ def track(results: dict[str, Any], files: list[Path], cfg: BenchConfig) -> Optio
     return tracker.run_id
 
 
+def write_json(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_{device_slug(results['machine'])}.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -835,12 +846,20 @@ def main(argv: list[str]) -> int:
         cfg.command = results["config"].get("command", cfg.command)
     else:
         cfg = compose_config(argv)
-        results = run_bench(cfg)
+        # Each finished graph is saved at once: a run cut short keeps its timings, and
+        # `--from-json` turns them into the report.
+        saved: list[Path] = []
+        try:
+            results = run_bench(cfg, on_graph=lambda partial: saved.append(
+                write_json(partial, Path(cfg.out))))
+        except BaseException:
+            if saved:
+                print(f"gnnq bench: the finished graphs' timings are saved in {saved[-1]}; "
+                      f"`gnnq bench --from-json {saved[-1]}` reports them.", file=sys.stderr)
+            raise
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_{device_slug(results['machine'])}"
-    files = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    files[0].write_text(json.dumps(results, indent=1))
+    files = [write_json(results, out)]
+    files += [files[0].with_suffix(".md"), files[0].with_suffix(".png")]
     write_markdown(results, files[1])
     write_plot(results, files[2])
     run_id = None

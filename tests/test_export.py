@@ -243,6 +243,35 @@ def test_cli_bench_smoke_writes_report_and_logs_to_mlflow(tmp_path):
     assert (tmp_path / "again" / "bench_cpu.md").read_text() == md
 
 
+def test_bench_keeps_finished_graphs_when_a_later_one_fails(tmp_path):
+    """Cora is not under the empty data root: the synthetic graph's timings survive."""
+    code, _, stderr = in_process("bench", "bench=smoke", "graphs=[synthetic_small,cora]",
+                                 "features=[8]", "repeats=1", "warmup=0", "end_to_end=false",
+                                 "synthetic.synthetic_small.nodes=500", f"out={tmp_path}",
+                                 f"data_root={tmp_path}/empty", "tracking.backend=none")
+    assert code == 2 and "Dataset 'cora' is not available" in stderr, stderr
+    assert f"timings are saved in {tmp_path / 'bench_cpu.json'}" in stderr, stderr
+    saved = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert [g["graph"] for g in saved["graphs"]] == ["synthetic_small"]
+    code, _, stderr = in_process("bench", "--from-json", str(tmp_path / "bench_cpu.json"),
+                                 f"out={tmp_path}", "tracking.backend=none")
+    assert code == 0 and "synthetic_small" in (tmp_path / "bench_cpu.md").read_text(), stderr
+
+
+def test_profile_script_profiles_every_gcn_method(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "profile_packed_gcn.py"),
+                           "synthetic_small", "16", "--device", "cpu", "--calls", "1",
+                           "--precisions", "fp32,int2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("gcn_fp32", "gcn_int2"):
+        assert f"=== {name} (synthetic_small, F=16)" in proc.stdout
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["bench=nope"], ["bench preset", "cpu", "smoke"]),
     (["bench=smoke", "precisions=[int3]"], ["precision", "int3", "int4"]),

@@ -371,6 +371,20 @@ def test_cuda_kernels_match_reference(graph):
     assert torch.equal(got.to(torch.int64), x_codes.to(torch.int64) @ w_codes.t().to(torch.int64))
 
 
+@requires_cuda
+def test_cuda_linear_takes_more_row_tiles_than_a_grid_y_dimension():
+    """ogbn-products has 2.45 M rows: 76k tiles of 32, past gridDim.y's 65535."""
+    from gnnq.kernels.backend import get_backend
+
+    gen = torch.Generator().manual_seed(24)
+    rows = 65535 * 32 + 33
+    x_codes = torch.randint(0, 4, (rows, 5), generator=gen)
+    w_codes = torch.randint(0, 16, (3, 5), generator=gen)
+    packed = pack_rows(x_codes, torch.full((rows,), 2))
+    got = get_backend("cuda").linear_codes(packed, pack(w_codes, 4), 4).cpu()
+    assert torch.equal(got.to(torch.int64), x_codes @ w_codes.t())
+
+
 def test_bad_column_indices_are_an_error_not_a_crash(cpu_ext, graph):
     _, packed = _features(graph, 16, 4, seed=30)
     col = graph.col.clone()

@@ -284,8 +284,9 @@ __global__ void __launch_bounds__(256) linear_kernel(const LinearParams p) {
   __shared__ uint32_t xs[TILE][KWORDS + 1];
   __shared__ uint32_t ws[TILE][KWORDS + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * TILE;  // grouped input rows
-  const int64_t out0 = static_cast<int64_t>(blockIdx.x) * TILE;  // output channels
+  // Rows on x: gridDim.y stops at 65535 tiles (2.1 M rows), gridDim.x at 2^31 - 1.
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TILE;  // grouped input rows
+  const int64_t out0 = static_cast<int64_t>(blockIdx.y) * TILE;  // output channels
   const int w_per = 32 / p.w_bits;
   const int64_t w_width = (p.K + w_per - 1) / w_per;
   uint32_t acc[2][2] = {{0u, 0u}, {0u, 0u}};
@@ -466,8 +467,9 @@ cudaError_t linear(const LinearParams& p, cudaStream_t stream) {
                                             stream);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>((p.O + TILE - 1) / TILE),
-                  static_cast<unsigned>((p.rows + TILE - 1) / TILE));
+  if ((p.O + TILE - 1) / TILE > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((p.rows + TILE - 1) / TILE),
+                  static_cast<unsigned>((p.O + TILE - 1) / TILE));
   linear_kernel<<<grid, 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
