@@ -117,3 +117,38 @@ def test_artifacts_listed(server):
     listing = _get(server, f"/api/2.0/mlflow/artifacts/list?run_id={child['info']['run_id']}")
     names = {f["path"] for f in listing.get("files", [])}
     assert {"summary.json", "config", "checkpoints"} <= names, names
+
+
+def _connect_and_log(uri: str, barrier, results) -> None:
+    from gnnq.config import TrackingConfig
+    from gnnq.tracking.mlflow_tracker import MlflowTracker
+
+    barrier.wait()
+    try:
+        tracker = MlflowTracker(TrackingConfig(backend="mlflow", uri=uri, experiment="fresh"))
+        tracker.start("job", tags={}, parent_run_id=None)
+        tracker.end()
+        results.put("ok")
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        results.put(f"{type(err).__name__}: {err}"[:300])
+
+
+def test_parallel_jobs_can_create_a_new_sqlite_store_together(tmp_path):
+    """Without taking turns, MLflow's schema migrations of a new store collide (table
+    already exists, duplicate column) and all but one job fail."""
+    import multiprocessing
+
+    import gnnq.tracking.mlflow_tracker  # noqa: F401 - imported once, before the fork
+    import mlflow.tracking  # noqa: F401
+
+    ctx = multiprocessing.get_context("fork")
+    uri, jobs = f"sqlite:///{tmp_path}/mlflow.db", 4
+    barrier, results = ctx.Barrier(jobs), ctx.Queue()
+    procs = [ctx.Process(target=_connect_and_log, args=(uri, barrier, results))
+             for _ in range(jobs)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    assert outcomes == ["ok"] * jobs, outcomes

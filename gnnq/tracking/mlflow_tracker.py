@@ -13,8 +13,9 @@ import os
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from gnnq.config import TrackingConfig
 from gnnq.errors import GnnqError
@@ -49,11 +50,38 @@ def check_reachable(uri: str, timeout: float) -> None:
                 f"tracking.uri at a running server or a local store (sqlite:///mlflow.db), "
                 f"or run without tracking: tracking=none.") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        folder = _sqlite_folder(uri)
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise GnnqError(
                 f"The MLflow store {uri} cannot be written: {folder} is not a writable folder. "
                 f"Set tracking.uri to a writable location or use tracking=none.")
+
+
+def _sqlite_folder(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+
+
+@contextmanager
+def _one_connect_at_a_time(uri: str) -> Iterator[None]:
+    """MLflow creates and migrates a new SQLite store on the first connect, and parallel jobs
+    doing that at once break each other's migrations; so connects to one store take turns
+    (an exclusive lock on its folder, released when the client exists)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None or not uri.startswith("sqlite:///"):
+        yield
+        return
+    fd = os.open(_sqlite_folder(uri), os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: connect unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _retry(what: str, call: Callable[[], T], attempts: int = 6) -> T:
@@ -111,7 +139,8 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
-        self.client = MlflowClient(tracking_uri=cfg.uri)
+        with _one_connect_at_a_time(cfg.uri):
+            self.client = MlflowClient(tracking_uri=cfg.uri)
         self.run_id = None
         self.failure: Optional[Exception] = None
         self._pending: list = []
