@@ -846,16 +846,19 @@ def main(argv: list[str]) -> int:
         cfg.command = results["config"].get("command", cfg.command)
     else:
         cfg = compose_config(argv)
-        # Each finished graph is saved at once: a run cut short keeps its timings, and
-        # `--from-json` turns them into the report.
-        saved: list[Path] = []
+        saved: Optional[Path] = None
+
+        def save(partial: dict[str, Any]) -> None:
+            # Each finished graph at once: a run cut short keeps its timings for --from-json.
+            nonlocal saved
+            saved = write_json(partial, Path(cfg.out))
+
         try:
-            results = run_bench(cfg, on_graph=lambda partial: saved.append(
-                write_json(partial, Path(cfg.out))))
+            results = run_bench(cfg, on_graph=save)
         except BaseException:
-            if saved:
-                print(f"gnnq bench: the finished graphs' timings are saved in {saved[-1]}; "
-                      f"`gnnq bench --from-json {saved[-1]}` reports them.", file=sys.stderr)
+            if saved is not None:
+                print(f"gnnq bench: the finished graphs' timings are saved in {saved}; "
+                      f"`gnnq bench --from-json {saved}` reports them.", file=sys.stderr)
             raise
     out = Path(cfg.out)
     files = [write_json(results, out)]

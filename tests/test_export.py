@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_gnnq
+from conftest import ROOT, run_gnnq
 from gnnq.errors import GnnqError
 
 TRAIN = ["train", "dataset=synthetic", "+quant=a2q", "quant.bit_budget=2.5", "runs=1",
@@ -259,11 +261,7 @@ def test_bench_keeps_finished_graphs_when_a_later_one_fails(tmp_path):
 
 
 def test_profile_script_profiles_every_gcn_method(tmp_path):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "scripts" / "profile_packed_gcn.py"),
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_packed_gcn.py"),
                            "synthetic_small", "16", "--device", "cpu", "--calls", "1",
                            "--precisions", "fp32,int2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
