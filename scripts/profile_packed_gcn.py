@@ -9,11 +9,14 @@ device's copy bandwidth on a GPU.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gnnq.bench import compose_config, gcn_end_to_end, load_graph, mixed_node_bits
+from gnnq.cli import EXIT_USER_ERROR
+from gnnq.errors import GnnqError
 from gnnq.kernels.backend import get_backend
 
 
@@ -32,7 +35,7 @@ def copy_bandwidth_gb_s(gib: int = 4, repeats: int = 10) -> float:
     return 2 * x.numel() * 4 * repeats / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("graph", help="a bench graph: dataset name or conf/bench/synthetic entry")
     parser.add_argument("features", type=int)
@@ -40,6 +43,15 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int4,int2")
     parser.add_argument("--calls", type=int, default=5, help="profiled forward passes")
     args = parser.parse_args()
+    try:
+        profile_methods(args)
+    except GnnqError as err:  # an unknown graph, missing data, no CUDA: one message
+        print(f"gnnq: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def profile_methods(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
     cfg = compose_config([f"bench={'gpu' if cuda else 'cpu'}", "tracking.backend=none",
                           f"precisions=[{args.precisions}]"])
@@ -66,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

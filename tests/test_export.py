@@ -268,6 +268,11 @@ def test_profile_script_profiles_every_gcn_method(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("gcn_fp32", "gcn_int2"):
         assert f"=== {name} (synthetic_small, F=16)" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_packed_gcn.py"),
+                           "nograph", "16", "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("gnnq: error: Unknown bench graph "
+                                                           "'nograph'"), proc.stderr
 
 
 @pytest.mark.parametrize("args, fragments", [
