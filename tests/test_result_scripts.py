@@ -78,3 +78,38 @@ def test_unfinished_jobs_are_compared_on_the_runs_they_share():
             == [_runs(1, 3), _runs(1, 3), []])
     # Neither job has a run yet (a table row whose cells were never run).
     assert common.on_common_runs([], []) == [[], []]
+
+
+def _script_jobs() -> list[list[str]]:
+    """The overrides of every job the result scripts can launch, each list once."""
+    import a2q
+    import comparison
+    import smoothness
+
+    lists = [overrides for _, overrides, _ in a2q.jobs(set(a2q.ABLATIONS) | {"main", "pareto"},
+                                                       skip_reddit=False)]
+    lists += [overrides for _, overrides, _ in comparison.jobs(list(comparison.ROWS),
+                                                               list(comparison.METHODS))]
+    lists += [overrides for group in smoothness.GROUPS for _, overrides in smoothness.jobs(group)]
+    return [list(o) for o in dict.fromkeys(tuple(o) for o in lists)]
+
+
+
+def test_every_result_script_job_names_presets_and_keys_that_exist():
+    """A typo in a script's overrides (a misspelt key, a preset renamed) fails here, not hours
+    into a results run."""
+    from hydra import compose, initialize_config_dir
+
+    from gnnq.cli import config_dir
+    from gnnq.config import validate
+
+    jobs = _script_jobs()
+    presets = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")}
+    named = {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("+experiment=")}
+    assert len(named) > 20 and named <= presets, named - presets
+    # One job per set of overridden keys: composing all of them would take a minute.
+    by_keys = {tuple(sorted(o.split("=", 1)[0] for o in job)): job for job in jobs}
+    assert len(by_keys) > 20
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for overrides in by_keys.values():
+            validate(compose("train", overrides=overrides))
