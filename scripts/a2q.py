@@ -68,10 +68,11 @@ MAIN = [
 # What the A²Q GAT presets train with besides their lr and weight decay (spec §5).
 GAT_A2Q_TRAINING = ["dataset.normalize_features=false", "trainer.epochs=250"]
 
-# The A²Q GAT presets at a bit budget of 2.5, epochs selected within it, input quantized first.
-GAT_LOW_BITS = {data: [f"+experiment=a2q_gat_{data}", "quant.memory_target_kb=null",
-                       "quant.bit_budget=2.5", "trainer.select_max_bits=2.5",
-                       "model.quantize_before_dropout=true"] for data in ("cora", "citeseer")}
+# The A²Q GAT presets at a bit budget of 2.5, epochs selected within it.
+GAT_BUDGET = {data: [f"+experiment=a2q_gat_{data}", "quant.memory_target_kb=null",
+                     "quant.bit_budget=2.5", "trainer.select_max_bits=2.5"]
+              for data in ("cora", "citeseer")}
+QUANTIZE_FIRST = ["model.quantize_before_dropout=true"]
 
 # name -> (title, [(label, folder name, overrides)]): each pair differs in one thing only.
 ABLATIONS = {
@@ -132,21 +133,22 @@ ABLATIONS = {
                           "or before it (`model.quantize_before_dropout=true`); bit budget "
                           "2.5, epochs selected within 2.5 bits", [
         (f"GAT-{name}, {order}", f"ablation_gat_{data}_budget_2.5_{folder}",
-         [*GAT_LOW_BITS[data][:-1], *extra])
+         [*GAT_BUDGET[data], *extra])
         for data, name in (("cora", "Cora"), ("citeseer", "CiteSeer"))
         for order, folder, extra in (
             ("dropout, then quantize (official)", "dropout_first", []),
-            ("quantize, then dropout", "quantize_first", GAT_LOW_BITS[data][-1:]))
+            ("quantize, then dropout", "quantize_first", QUANTIZE_FIRST))
     ]),
     "gat_input": ("GAT's input and step-size learning rates: the A²Q presets' raw 0/1 features "
                   "or GAT's row-normalised ones (the FP32 presets'); bit budget 2.5, quantized "
                   "first, epochs selected within 2.5 bits", [
         row for data, name in (("cora", "Cora"), ("citeseer", "CiteSeer")) for row in (
             (f"GAT-{name}, raw features, official step rates",
-             f"ablation_gat_{data}_budget_2.5_quantize_first", GAT_LOW_BITS[data]),
+             f"ablation_gat_{data}_budget_2.5_quantize_first",
+             [*GAT_BUDGET[data], *QUANTIZE_FIRST]),
             (f"GAT-{name}, row-normalised features, official step rates",
              f"ablation_gat_{data}_normalized_official_rates",
-             [*GAT_LOW_BITS[data], "dataset.normalize_features=true"]),
+             [*GAT_BUDGET[data], *QUANTIZE_FIRST, "dataset.normalize_features=true"]),
             (f"GAT-{name}, row-normalised features, step rates on their scale (preset)",
              f"a2q_gat_{data}_low_bits", [f"+experiment=a2q_gat_{data}_low_bits"]))
     ]),

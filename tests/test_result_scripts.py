@@ -8,11 +8,17 @@ import shutil
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
+from gnnq.cli import config_dir
+from gnnq.config import validate
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import a2q  # noqa: E402
 import common  # noqa: E402
+import comparison  # noqa: E402
+import smoothness  # noqa: E402
 
 FAST = ["dataset=synthetic", "trainer.epochs=2", "tracking=none"]
 
@@ -82,10 +88,6 @@ def test_unfinished_jobs_are_compared_on_the_runs_they_share():
 
 def _script_jobs() -> list[list[str]]:
     """The overrides of every job the result scripts can launch, each list once."""
-    import a2q
-    import comparison
-    import smoothness
-
     lists = [overrides for _, overrides, _ in a2q.jobs(set(a2q.ABLATIONS) | {"main", "pareto"},
                                                        skip_reddit=False)]
     lists += [overrides for _, overrides, _ in comparison.jobs(list(comparison.ROWS),
@@ -94,15 +96,9 @@ def _script_jobs() -> list[list[str]]:
     return [list(o) for o in dict.fromkeys(tuple(o) for o in lists)]
 
 
-
 def test_every_result_script_job_names_presets_and_keys_that_exist():
     """A typo in a script's overrides (a misspelt key, a preset renamed) fails here, not hours
     into a results run."""
-    from hydra import compose, initialize_config_dir
-
-    from gnnq.cli import config_dir
-    from gnnq.config import validate
-
     jobs = _script_jobs()
     presets = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")}
     named = {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("+experiment=")}
