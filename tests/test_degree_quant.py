@@ -21,8 +21,8 @@ from gnnq.quant import build_quantizers
 from gnnq.quant.base import BitCost, GraphContext, Quantizer, RoleQuantizers, share_graph
 from gnnq.quant.cost import average_bits, compression_ratio
 from gnnq.quant.degree_quant import (ActivationQuantizer, WeightQuantizer, fake_quantize, grid,
-                                     order_statistic, percentile_range, protected_nodes,
-                                     protection_probability)
+                                     percentile_range, protected_nodes,
+                                     protection_probability, tail_order_statistics)
 
 
 def activation(bits=8, clip=0.0, momentum=0.1, p_min=0.0, p_max=0.0, eval_ranges="ema",
@@ -175,18 +175,17 @@ def test_percentile_range_never_collapses_on_sparse_binary_features():
 
 
 @pytest.mark.parametrize("kind", ["normal", "sparse", "ties"])
-def test_sampled_order_statistic_is_exact_on_large_tensors(kind):
+def test_sampled_tail_order_statistics_are_exact_on_large_tensors(kind):
     torch.manual_seed(1)
     n = 300_001
     x = {"normal": torch.randn(n), "sparse": (torch.rand(n) < 0.013) * torch.rand(n),
          "ties": torch.randint(0, 4, (n,)).float()}[kind]
     s = x.sort().values
     for k in (1, 7, 301, 3001, 40_000):
-        assert order_statistic(x, k, largest=False) == s[k - 1]
-        assert order_statistic(x, k, largest=True) == s[n - k]
+        assert tail_order_statistics(x, k) == (s[k - 1], s[n - k])
 
 
-def test_sampled_order_statistic_sees_every_channel(monkeypatch):
+def test_sampled_tail_order_statistics_see_every_channel(monkeypatch):
     """A [rows, 64] activation whose channels differ in scale (every 16th thrice the others),
     the shape of GIN's hidden tensors: a stride that divides the width samples only some
     channels, misplaces its threshold and falls back to searching all 1.3M values."""
@@ -198,8 +197,7 @@ def test_sampled_order_statistic_sees_every_channel(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk",
                         lambda t, *a, **kw: searched.append(t.numel()) or topk(t, *a, **kw))
     s = x.sort().values
-    for largest in (False, True):
-        assert order_statistic(x, 12_800, largest) == (s[-12_800] if largest else s[12_799])
+    assert tail_order_statistics(x, 12_800) == (s[12_799], s[-12_800])
     assert max(searched) < x.numel() // 10
 
 

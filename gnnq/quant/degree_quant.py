@@ -148,7 +148,7 @@ def percentile_range(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     j = int(math.floor(fraction * (n - 1) + 1e-9))
     if j == 0:
         return torch.aminmax(flat)
-    lo, hi = order_statistic(flat, j + 1, largest=False), order_statistic(flat, j + 1, largest=True)
+    lo, hi = tail_order_statistics(flat, j + 1)
     if bool(lo == hi):
         # A collapsed range would quantize every value to one: sparse 0/1 features with under
         # `fraction` nonzeros (CiteSeer's bag of words) would all become 0. Use min/max.
@@ -156,31 +156,47 @@ def percentile_range(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def order_statistic(flat: Tensor, k: int, largest: bool) -> Tensor:
-    """The exact ``k``-th smallest (``largest``: largest) value of the 1-D ``flat``.
+def tail_order_statistics(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The exact ``k``-th smallest and ``k``-th largest values of the 1-D ``flat``.
 
     Percentiles run on every activation of every training pass, so large tensors take a
-    shortcut: a threshold ``t`` just past the ``k``-th value of a strided sample, then only the
-    values beyond ``t`` are searched (``t`` itself when the ``k``-th value ties with it, as the
-    zeros of sparse features do), and the whole tensor only if fewer than ``k`` lie beyond.
+    shortcut: thresholds ``t_lo`` and ``t_hi`` just past the ``k``-th values of a strided
+    sample, then one pass over the tensor keeps the values beyond either, and only those are
+    searched (a threshold itself when the ``k``-th value ties with it, as the zeros of ReLU
+    outputs do); the whole tensor only if fewer than ``k`` lie beyond.
     """
     n = flat.numel()
-    if n >= SAMPLED_SEARCH_MIN and k * SAMPLE_STRIDE <= n:
-        sample = flat[::SAMPLE_STRIDE]
-        # The sample's rank k/stride estimates the k-th value within about sqrt(k/stride)
-        # sample ranks; 4 of those further, the threshold rarely falls short of k values.
-        rank = k // SAMPLE_STRIDE + 4 * math.isqrt(k // SAMPLE_STRIDE) + 8
-        top = sample.topk(min(sample.numel(), rank), largest=largest, sorted=False).values
-        t = top.min() if largest else top.max()
-        beyond = flat > t if largest else flat < t
-        n_beyond = int(torch.count_nonzero(beyond))
-        if n_beyond >= k:
-            flat = flat[beyond]
-        elif k <= n_beyond + int(torch.count_nonzero(flat == t)):
-            return t
+    if n < SAMPLED_SEARCH_MIN or k * SAMPLE_STRIDE > n:
+        return _kth(flat, k, largest=False), _kth(flat, k, largest=True)
+    sample = flat[::SAMPLE_STRIDE].contiguous()  # topk runs faster on a dense copy
+    # The sample's rank k/stride estimates the k-th value within about sqrt(k/stride) sample
+    # ranks; 4 of those further, a threshold rarely falls short of k values.
+    rank = min(sample.numel(), k // SAMPLE_STRIDE + 4 * math.isqrt(k // SAMPLE_STRIDE) + 8)
+    t_lo = sample.topk(rank, largest=False, sorted=False).values.max()
+    t_hi = sample.topk(rank, largest=True, sorted=False).values.min()
+    # One selection for both tails (two would each read the whole tensor twice more), with
+    # Python-float thresholds: comparing with a 0-d tensor takes twice as long on CPU.
+    below, above = float(t_lo), float(t_hi)
+    tails = flat[(flat < below) | (flat > above)]
+    return (_beyond_threshold(flat, tails[tails < below], t_lo, k, largest=False),
+            _beyond_threshold(flat, tails[tails > above], t_hi, k, largest=True))
+
+
+def _beyond_threshold(flat: Tensor, beyond: Tensor, t: Tensor, k: int,
+                      largest: bool) -> Tensor:
+    """The ``k``-th value of ``flat`` from the end ``largest`` names, given the values
+    ``beyond`` the threshold ``t`` on that side."""
+    if beyond.numel() >= k:
+        return _kth(beyond, k, largest)
+    if k <= beyond.numel() + int(torch.count_nonzero(flat == float(t))):
+        return t
+    return _kth(flat, k, largest)
+
+
+def _kth(values: Tensor, k: int, largest: bool) -> Tensor:
     # topk is several times faster than kthvalue on CPU.
-    values = flat.topk(k, largest=largest, sorted=False).values
-    return values.min() if largest else values.max()
+    top = values.topk(k, largest=largest, sorted=False).values
+    return top.min() if largest else top.max()
 
 
 def grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
