@@ -191,6 +191,10 @@ class TrainerConfig:
     # Select the epoch (both rules) among those whose avg_bits on the validation split is at
     # most this: a checkpoint over the bit budget is not a result. null: every epoch.
     select_max_bits: Optional[float] = None
+    # Equal validation scores: "first" keeps the earlier epoch; "train" takes the later one
+    # if its training score is better (the smoothness paper's code; graph-level tasks then
+    # also score the training graphs every epoch).
+    val_ties: str = "first"
     # "auto": a progress bar on a terminal, quiet log lines otherwise.
     progress: str = "auto"
     device: str = "cpu"
@@ -206,6 +210,7 @@ class TrainerConfig:
             check_range("trainer.early_stopping", self.early_stopping, 1)
         if self.select_max_bits is not None:
             check_range("trainer.select_max_bits", self.select_max_bits, 1)
+        check_choice("trainer.val_ties", self.val_ties, ("first", "train"))
         check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))

@@ -99,3 +99,30 @@ def test_graph_level_bits_count_every_test_batch():
                                              batch_size=7)]
     assert len(set(sizes)) > 1  # otherwise the last batch alone would give the same value
     assert result.avg_bits == pytest.approx(sum(n * n for n in sizes) / sum(sizes))
+
+
+
+@pytest.mark.parametrize("ties, expected", [("first", 2), ("train", 3)])
+def test_validation_ties_go_to_the_first_epoch_or_the_better_training_score(monkeypatch, ties,
+                                                                            expected):
+    val, train = [50.0, 70.0, 70.0, 60.0, 70.0], [40.0, 60.0, 80.0, 90.0, 80.0]
+    passes = iter(range(len(val) + 1))  # the last evaluate() scores the selected checkpoint
+
+    def scripted_loops(self, model, split, seed):
+        def evaluate():
+            i = min(next(passes), len(val) - 1)
+            return {"train": train[i], "val": val[i], "test": 0.0, "val_loss": 1.0}, {
+                "val": ModelCost(), "test": ModelCost()}
+        return (lambda optimizer, strategy: 0.5), evaluate
+
+    monkeypatch.setattr(Trainer, "_loops", scripted_loops)
+    trainer, _, _ = make_trainer("synthetic", lambda spec: {}, epochs=len(val), val_ties=ties)
+    assert trainer.fit(0).best_epoch == expected
+
+
+def test_graph_level_ties_score_the_training_graphs():
+    scored = []
+    trainer, _, _ = make_trainer("synthetic_graphs", lambda spec: {}, epochs=1, val_ties="train")
+    trainer.on_epoch = lambda run, epoch, metrics: scored.append(metrics)
+    trainer.fit(0)
+    assert 0.0 <= scored[0]["train"] <= 100.0

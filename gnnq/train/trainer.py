@@ -5,6 +5,8 @@ train/val/test, so it can report both protocols: the test metric at the best val
 epoch (primary) and the best test metric over all epochs (the official A²Q code's).
 ``trainer.select_max_bits`` limits both to the epochs whose ``avg_bits`` (measured on the
 validation split) is within a bit budget: a checkpoint over the budget is not a result.
+``trainer.val_ties`` settles equal validation scores: the earlier epoch, or the better
+training score.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Trainer:
 
         better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
         max_bits = cfg.trainer.select_max_bits
-        best_val = best_test = None
+        best_val = best_train = best_test = None
         best_epoch = best_test_epoch = 0
         best_state: dict = {}
         fewest_bits = math.inf
@@ -117,8 +119,8 @@ class Trainer:
             bits = costs["val"].average_bits
             fewest_bits = min(fewest_bits, bits)
             eligible = max_bits is None or bits <= max_bits
-            if eligible and (best_val is None or better(scores["val"], best_val)):
-                best_val, best_epoch = scores["val"], epoch
+            if eligible and self._improves(scores, best_val, best_train, better):
+                best_val, best_train, best_epoch = scores["val"], scores.get("train"), epoch
                 best_state = copy.deepcopy(model.state_dict())
             if eligible and (best_test is None or better(scores["test"], best_test)):
                 best_test, best_test_epoch = scores["test"], epoch
@@ -192,8 +194,10 @@ class Trainer:
         subset = lambda idx: [graphs[i] for i in idx.tolist()]  # noqa: E731
         train_loader = DataLoader(subset(split.train), batch_size=bs, shuffle=True,
                                   generator=generator)
+        scored = ("train", "val", "test") if self.config.trainer.val_ties == "train" else (
+            "val", "test")
         eval_loaders = {name: DataLoader(subset(getattr(split, name)), batch_size=bs)
-                        for name in ("val", "test")}
+                        for name in scored}
 
         def forward(batch):
             batch = batch.to(self.device)
@@ -214,8 +218,8 @@ class Trainer:
 
         @torch.no_grad()
         def evaluate() -> tuple[dict[str, float], dict[str, ModelCost]]:
-            """Scores of val and test and their bit costs, summed over every batch (the bits
-            NNS selects depend on the graphs)."""
+            """Scores of val and test (and train, to break ties) and their bit costs, summed
+            over every batch (the bits NNS selects depend on the graphs)."""
             model.eval()
             scores, costs = {}, {}
             for name, loader in eval_loaders.items():
@@ -235,6 +239,15 @@ class Trainer:
         return step, evaluate
 
     # -- helpers -------------------------------------------------------------------------
+    def _improves(self, scores: dict[str, float], best_val: Optional[float],
+                  best_train: Optional[float], better: Callable[[float, float], bool]) -> bool:
+        """Whether this epoch replaces the selected one: a better validation score or, with
+        ``trainer.val_ties=train``, an equal one and a better training score."""
+        if best_val is None or better(scores["val"], best_val):
+            return True
+        return (self.config.trainer.val_ties == "train" and scores["val"] == best_val
+                and better(scores["train"], best_train))
+
     def _penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         """The quantization method's own loss term for the last forward pass (e.g. A²Q's
         memory penalty), if its factory defines ``penalty(model)``."""
