@@ -3,6 +3,7 @@
     python scripts/a2q.py                    # every job below (finished ones are kept), then the report
     python scripts/a2q.py --parallel 2       # two jobs at a time
     python scripts/a2q.py --only main pareto --skip-reddit
+    python scripts/a2q.py --only targets    # the *_low_bits presets that reach 2.5 bits
     python scripts/a2q.py --report-only
 
 Every A²Q row runs its pinned preset (conf/experiment/a2q_*.yaml) through `gnnq train` in the
@@ -65,6 +66,11 @@ MAIN = [
     Row("a2q_gin_reddit_binary", "fp32_gin_reddit_binary", 4.5, None, min_acc=88.0),
 ]
 
+# The official GIN and GAT presets miss "≤ 2.5 bits" under their KB memory targets; these
+# presets reach it (conf/experiment/a2q_*_low_bits.yaml say what each changes).
+LOW_BITS = [Row(f"a2q_{model}_{data}_low_bits", f"fp32_{model}_{data}", 2.5, 2.0)
+            for model in ("gin", "gat") for data in ("cora", "citeseer")]
+
 # What the A²Q GAT presets train with besides their lr and weight decay (spec §5).
 GAT_A2Q_TRAINING = ["dataset.normalize_features=false", "trainer.epochs=250"]
 
@@ -91,15 +97,14 @@ ABLATIONS = {
     ]),
     "budget_form": ("Official KB memory target vs a bit budget (GIN and GAT presets)", [
         ("GIN-Cora, KB target (preset)", "a2q_gin_cora", ["+experiment=a2q_gin_cora"]),
-        ("GIN-Cora, bit budget 2.5", "ablation_gin_cora_budget_2.5",
-         ["+experiment=a2q_gin_cora", "quant.memory_target_kb=null", "quant.bit_budget=2.5"]),
+        ("GIN-Cora, bit budget 2.5 (preset)", "a2q_gin_cora_low_bits",
+         ["+experiment=a2q_gin_cora_low_bits"]),
         ("GIN-Cora, KB target, epoch selected within 2.5 bits", "ablation_gin_cora_select_2.5",
          ["+experiment=a2q_gin_cora", "trainer.select_max_bits=2.5"]),
         ("GIN-CiteSeer, KB target (preset)", "a2q_gin_citeseer",
          ["+experiment=a2q_gin_citeseer"]),
-        ("GIN-CiteSeer, bit budget 2.5", "ablation_gin_citeseer_budget_2.5",
-         ["+experiment=a2q_gin_citeseer", "quant.memory_target_kb=null",
-          "quant.bit_budget=2.5"]),
+        ("GIN-CiteSeer, bit budget 2.5 (preset)", "a2q_gin_citeseer_low_bits",
+         ["+experiment=a2q_gin_citeseer_low_bits"]),
         ("GIN-CiteSeer, KB target, epoch selected within 2.5 bits",
          "ablation_gin_citeseer_select_2.5",
          ["+experiment=a2q_gin_citeseer", "trainer.select_max_bits=2.5"]),
@@ -170,8 +175,8 @@ def pareto_jobs() -> list[tuple[Path, list[str], int]]:
 
 def jobs(parts: set[str], skip_reddit: bool) -> list[tuple[Path, list[str], int]]:
     todo = []
-    if "main" in parts:
-        for row in MAIN:
+    for part, rows in (("main", MAIN), ("targets", LOW_BITS)):
+        for row in rows if part in parts else []:
             todo.append((BASELINES / row.fp32, [f"+experiment={row.fp32}"], row.shards))
             todo.append((OUT / row.a2q, [f"+experiment={row.a2q}"], row.shards))
     if "pareto" in parts:
@@ -192,12 +197,14 @@ def _mean(runs: list[dict], key: str) -> float:
     return mean_std(r[key] for r in runs)[0]
 
 
-def main_table() -> tuple[str, list[str]]:
+def target_table(rows: list[Row]) -> tuple[str, list[str], list[str]]:
+    """FP32 and A²Q side by side for each row and whether A²Q meets its target; also the
+    rows (``model-dataset``) that miss it and those that meet it."""
     lines = ["| model | dataset | FP32 test @ best val | FP32 best test | A²Q test @ best val | "
              "A²Q best test | Δ primary (pp) | avg_bits | compression | runs | target | met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    misses = []
-    for row in MAIN:
+    misses, met = [], []
+    for row in rows:
         fp32, a2q = pooled_runs(BASELINES / row.fp32), pooled_runs(OUT / row.a2q)
         parts = summaries(OUT / row.a2q) or summaries(BASELINES / row.fp32)
         if not parts:
@@ -223,13 +230,15 @@ def main_table() -> tuple[str, list[str]]:
             verdict += " (provisional)"
         if verdict.startswith("❌"):
             misses.append(f"{model}-{dataset}")
+        elif verdict.startswith("✅"):
+            met.append(f"{model}-{dataset}")
         lines.append(f"| {model} | {dataset} | {fmt(fp32, 'test')} | {fmt(fp32, 'best_test')} | "
                      f"{fmt(a2q, 'test')} | {fmt(a2q, 'best_test')} | {-drop:+.2f} | "
                      f"{fmt(a2q, 'avg_bits')} | {fmt(a2q, 'compression_ratio', 1)}x | "
                      f"{len(a2q)}{f' of {total} (FP32 on the same)' if partial else ''} | "
                      f"{row.target()} | "
                      f"{verdict} |")
-    return "\n".join(lines), misses
+    return "\n".join(lines), misses, met
 
 
 def ablation_tables() -> str:
@@ -294,9 +303,11 @@ def pareto_plot() -> Optional[str]:
 
 
 def report() -> str:
-    table, misses = main_table()
+    table, misses, _ = target_table(MAIN)
+    low_bits, low_bits_misses, low_bits_met = target_table(LOW_BITS)
+    met_there = [m for m in misses if m in low_bits_met]
     pareto = pareto_plot() or "(not run yet)"
-    folders = [OUT / r.a2q for r in MAIN] + [BASELINES / r.fp32 for r in MAIN]
+    folders = [OUT / r.a2q for r in MAIN + LOW_BITS] + [BASELINES / r.fp32 for r in MAIN]
     text = f"""# A²Q against FP32
 
 Regenerate: `python scripts/a2q.py` (rows: `gnnq train +experiment=<preset>`; the table alone:
@@ -321,8 +332,24 @@ runs they all have.
 {table}
 """
     if misses:
-        text += ("\nTargets missed (primary protocol): " + ", ".join(misses) + ". See the notes "
-                 "below.\n")
+        text += ("\nTargets missed by the official presets (primary protocol): "
+                 + ", ".join(misses) + ". " + ("Met by the presets below: " + ", ".join(met_there)
+                                               + ". " if met_there else "")
+                 + "See the notes.\n")
+    text += f"""
+## The targets at 2.5 bits
+
+The official KB memory targets leave the GIN and GAT presets above 2.5 average bits. The
+`+experiment=a2q_<model>_<dataset>_low_bits` presets keep each official configuration and
+change only what reaching the limit takes: GIN the memory penalty's form (a bit budget of 2.5
+instead of the KB target); GAT also its input and step-size learning rates
+(`conf/experiment/parts/a2q_gat_low_bits.yaml`, and the "GAT's input" ablation below).
+FP32 is the main table's.
+
+{low_bits}
+"""
+    if low_bits_misses:
+        text += "\nTargets missed at 2.5 bits too: " + ", ".join(low_bits_misses) + ".\n"
     text += f"""
 ## Bit-budget sweep, GCN-Cora
 
@@ -343,7 +370,7 @@ FP32 line: `gnnq train dataset=cora runs=10`. Plot: `results/a2q_pareto_cora.png
 
 
 def main() -> None:
-    parts = ["main", "pareto", *ABLATIONS]
+    parts = ["main", "targets", "pareto", *ABLATIONS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=parts, choices=parts)
     parser.add_argument("--skip-reddit", action="store_true",
