@@ -179,6 +179,10 @@ class SchedulerConfig:
         check_range("trainer.scheduler.patience", self.patience, 0)
 
 
+#: ``trainer.val_ties``: keep the first of equal validation scores, or the better training score.
+VAL_TIES = ("first", "train")
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 200
@@ -210,7 +214,7 @@ class TrainerConfig:
             check_range("trainer.early_stopping", self.early_stopping, 1)
         if self.select_max_bits is not None:
             check_range("trainer.select_max_bits", self.select_max_bits, 1)
-        check_choice("trainer.val_ties", self.val_ties, ("first", "train"))
+        check_choice("trainer.val_ties", self.val_ties, VAL_TIES)
         check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))

@@ -164,6 +164,9 @@ ABLATIONS = {
     ]),
 }
 
+# What `--only` can pick: the job sets jobs() knows.
+PARTS = ["main", "targets", "pareto", *ABLATIONS]
+
 
 def pareto_jobs() -> list[tuple[Path, list[str], int]]:
     """One job per budget (the sweep's points, run as plain jobs so each has a fixed folder)
@@ -332,10 +335,9 @@ runs they all have.
 {table}
 """
     if misses:
-        text += ("\nTargets missed by the official presets (primary protocol): "
-                 + ", ".join(misses) + ". " + ("Met by the presets below: " + ", ".join(met_there)
-                                               + ". " if met_there else "")
-                 + "See the notes.\n")
+        met_below = f"Met by the presets below: {', '.join(met_there)}. " if met_there else ""
+        text += (f"\nTargets missed by the official presets (primary protocol): "
+                 f"{', '.join(misses)}. {met_below}See the notes.\n")
     text += f"""
 ## The targets at 2.5 bits
 
@@ -370,9 +372,8 @@ FP32 line: `gnnq train dataset=cora runs=10`. Plot: `results/a2q_pareto_cora.png
 
 
 def main() -> None:
-    parts = ["main", "targets", "pareto", *ABLATIONS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=parts, choices=parts)
+    parser.add_argument("--only", nargs="*", default=PARTS, choices=PARTS)
     parser.add_argument("--skip-reddit", action="store_true",
                         help="leave out the REDDIT-BINARY jobs (about 2 core-hours each)")
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")

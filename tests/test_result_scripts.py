@@ -88,8 +88,7 @@ def test_unfinished_jobs_are_compared_on_the_runs_they_share():
 
 def _script_jobs() -> list[list[str]]:
     """The overrides of every job the result scripts can launch, each list once."""
-    lists = [overrides for _, overrides, _ in a2q.jobs(set(a2q.ABLATIONS) | {"main", "pareto"},
-                                                       skip_reddit=False)]
+    lists = [overrides for _, overrides, _ in a2q.jobs(set(a2q.PARTS), skip_reddit=False)]
     lists += [overrides for _, overrides, _ in comparison.jobs(list(comparison.ROWS),
                                                                list(comparison.METHODS))]
     lists += [overrides for group in smoothness.GROUPS for _, overrides in smoothness.jobs(group)]

@@ -101,7 +101,6 @@ def test_graph_level_bits_count_every_test_batch():
     assert result.avg_bits == pytest.approx(sum(n * n for n in sizes) / sum(sizes))
 
 
-
 @pytest.mark.parametrize("ties, expected", [("first", 2), ("train", 3)])
 def test_validation_ties_go_to_the_first_epoch_or_the_better_training_score(monkeypatch, ties,
                                                                             expected):

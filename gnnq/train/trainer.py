@@ -194,8 +194,9 @@ class Trainer:
         subset = lambda idx: [graphs[i] for i in idx.tolist()]  # noqa: E731
         train_loader = DataLoader(subset(split.train), batch_size=bs, shuffle=True,
                                   generator=generator)
-        scored = ("train", "val", "test") if self.config.trainer.val_ties == "train" else (
-            "val", "test")
+        scored = ["val", "test"]
+        if self.config.trainer.val_ties == "train":  # ties need the training graphs' score
+            scored.insert(0, "train")
         eval_loaders = {name: DataLoader(subset(getattr(split, name)), batch_size=bs)
                         for name in scored}
 
