@@ -44,3 +44,9 @@ def test_experiment_smoke_run(name, tmp_path: Path):
     summary = run_experiment(validate(cfg), tmp_path)
     assert summary["metrics"]["runs_completed"] == 1
     assert (tmp_path / "checkpoints" / "run0.pt").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("smooth_")])
+def test_smoothness_presets_select_with_the_specs_tie_rule(name):
+    # docs/smoothness.md, protocol: equal validation accuracies go to the higher train accuracy.
+    assert validate(_compose(name)).trainer.val_ties == "train"

@@ -108,3 +108,18 @@ def test_every_result_script_job_names_presets_and_keys_that_exist():
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for overrides in by_keys.values():
             validate(compose("train", overrides=overrides))
+
+
+def test_smoothness_tables_name_the_jobs_selected_by_the_earlier_tie_rule(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(smoothness, "OUT", tmp_path)
+    for name, rule in (("spec", "train"), ("earliest", "first"), ("unset", None)):
+        for shard in ("shard0", "shard1"):
+            part = tmp_path / name / shard
+            (part / ".hydra").mkdir(parents=True)
+            (part / "summary.json").write_text("{}")
+            trainer = {} if rule is None else {"val_ties": rule}
+            (part / ".hydra" / "config.yaml").write_text(json.dumps({"trainer": trainer}))
+    assert smoothness.earliest_tie_note(["spec"]) == ""
+    note = smoothness.earliest_tie_note(["spec", "earliest", "unset", "not_run"])
+    assert note.endswith("to rerun it): earliest, unset.")
