@@ -469,8 +469,7 @@ role shared by every propagation step. Same presets, seeds and splits otherwise.
 
 What differs is the correction's direction, not the multiplier: in both forms λ falls well
 below 0 during training (the training pass's `multiplier_min` at epoch 200, INT4: −2.5 to −9.2
-over the 10 runs with the official forms, −2.7 to −3.9 with ours on splits 0-2, rerun with
-`trainer.progress=log`, as these jobs predate that log field). With `L̃Δ` the step
+over the 10 runs with the official forms, −2.7 to −5.0 with ours). With `L̃Δ` the step
 X + (I + 2αλL̃)Δ then damps the change's high frequencies; with `ÃΔ`, I + 2αλÃ damps its low
 frequencies and amplifies the high ones (Ã's eigenvalues lie in (−1, 1]), against the
 smoothing the APPNP step does. The APPNP column has no correction and moves little, so the
