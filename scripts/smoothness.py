@@ -26,6 +26,7 @@ from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, job_folders, machine, pooled
                     run_all)
 from omegaconf import OmegaConf
 
+from gnnq.config import TrainerConfig
 from gnnq.models.smp_prop import stable_multiplier_bound
 from gnnq.train.metrics import mean_std
 
@@ -143,7 +144,9 @@ def earliest_tie_note(names: list[str]) -> str:
     for name in names:
         for part in job_folders(OUT / name):
             config = OmegaConf.load(part / ".hydra" / "config.yaml")
-            if OmegaConf.select(config, "trainer.val_ties", default="first") != "train":
+            # a job from before the option existed ran with the trainer's default
+            rule = OmegaConf.select(config, "trainer.val_ties", default=TrainerConfig.val_ties)
+            if rule != "train":
                 stale.append(name)
                 break
     return ("" if not stale else "Selected with ties going to the earliest epoch (run before "
@@ -282,8 +285,8 @@ it propagates with `(A + I)D̃⁻¹` rather than `D̃^{{-1/2}}(A + I)D̃^{{-1/2}
 SMP runs with our defaults (the exact `L̃Δ` correction, the LSQ range gradient; the official
 forms are compared in `results/smoothness.md`). Same presets, seeds and splits in every column;
 test accuracy at the best validation epoch (primary; ties go to the higher training accuracy)
-and best test over epochs, mean ± sample std, %. runs: SMP / APPNP / EMP. Machine: 2 CPU cores, no GPU,
-{machine(sorted(OUT.iterdir()) if OUT.exists() else [])}.
+and best test over epochs, mean ± sample std, %. runs: SMP / APPNP / EMP. Machine: 2 CPU
+cores, no GPU, {machine(sorted(OUT.iterdir()) if OUT.exists() else [])}.
 
 {chr(10).join(rows)}
 """
