@@ -7,8 +7,10 @@ Nothing here downloads: every load uses ``download="never"`` or a stubbed probe.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.error import URLError
@@ -21,7 +23,7 @@ from torch_geometric.utils import is_undirected
 import gnnq.data
 from fake_datasets import write_ogbn_arxiv, write_planetoid, write_tu, write_zinc
 from gnnq.config import DataRootConfig, DatasetConfig
-from gnnq.data import load_task, resolve_root, storage, synthetic
+from gnnq.data import load_task, resolve_root, sources, storage, synthetic
 from gnnq.data.storage import is_writable
 from gnnq.errors import GnnqError
 
@@ -374,6 +376,31 @@ def test_stale_processed_data_is_rebuilt(tmp_path, fresh_loads):
     gnnq.data._LOADED.clear()
     assert load(tmp_path, "pubmed").graph.num_nodes == nodes
     assert processed.stat().st_size > 100
+
+
+def test_parallel_loads_take_turns(tmp_path, monkeypatch):
+    """Two processes of a sharded job load the same dataset at once: the second must not read
+    the processed file while the first is still writing it, so reading is exclusive."""
+    write_planetoid(tmp_path / "planetoid" / "PubMed" / "raw")
+    source = sources.SOURCES["pubmed"]
+    spans = []
+
+    def slow_read(work: Path):
+        start = time.monotonic()
+        loaded = source.read(work)
+        time.sleep(0.3)
+        spans.append((start, time.monotonic()))
+        return loaded
+
+    monkeypatch.setitem(sources.SOURCES, "pubmed", dataclasses.replace(source, read=slow_read))
+    loads = [threading.Thread(target=sources.read, args=("pubmed", tmp_path, "never", False))
+             for _ in range(2)]
+    for thread in loads:
+        thread.start()
+    for thread in loads:
+        thread.join()
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert len(spans) == 2 and second_start >= first_end
 
 
 def test_read_only_root_loads_through_cache(tmp_path, fresh_loads):

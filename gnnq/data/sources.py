@@ -22,7 +22,8 @@ from torch_geometric.transforms import NormalizeFeatures
 from torch_geometric.utils import degree, is_undirected, to_undirected
 
 from gnnq.data import synthetic
-from gnnq.data.storage import check_files, read_or_explain, unlink_symlinks, working_folder
+from gnnq.data.storage import (check_files, exclusive, read_or_explain, unlink_symlinks,
+                               working_folder)
 from gnnq.data.task import Split
 
 # ogb starts a PyPI version check without a timeout when it is first imported; this stops it.
@@ -181,10 +182,11 @@ def read(name: str, root: Path, download: str, normalize_features: bool) -> Load
         work = working_folder(src, source.folder)
         downloading = check_files(name, src, work, source.folder, source.files, source.url,
                                   download)
-        if downloading:
-            unlink_symlinks(work)
-        loaded = read_or_explain(name, src, work, source.files, work / source.processed,
-                                 downloading, lambda: source.read(work))
+        with exclusive(work):
+            if downloading:
+                unlink_symlinks(work)
+            loaded = read_or_explain(name, src, work, source.files, work / source.processed,
+                                     downloading, lambda: source.read(work))
     if normalize_features and name != "zinc":  # ZINC's x holds atom-type indices
         normalize = NormalizeFeatures()
         if loaded.graph is not None:

@@ -8,13 +8,15 @@ host is probed, so an offline machine fails in seconds with a message saying wha
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 from gnnq.errors import GnnqError
@@ -99,6 +101,20 @@ def _mirror(src: Path, dst: Path) -> None:
     if changed:
         for processed in [p for p in dst.rglob("processed*") if p.is_dir()]:
             shutil.rmtree(processed)
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold the dataset folder's lock until the block ends.
+
+    Parallel runs (sharded jobs, a joblib sweep) load the same dataset at once; without the
+    lock one of them reads the processed file while another is still writing it. The lock
+    file sits beside the folder, which a download may replace whole.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def unlink_symlinks(folder: Path) -> None:
