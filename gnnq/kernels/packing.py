@@ -144,10 +144,6 @@ class PackedRows:
         out[self.order] = grouped
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return self.words.numel() * 4
-
 
 def layout(bits: Tensor | int, rows: int, num_features: int) -> PackedRows:
     """The grouping of ``rows`` rows at one bitwidth (an int) or one per row (``[rows]``):

@@ -73,9 +73,8 @@ STE_MODES = ("identity", "masked")
 BT_LEVELS = 85          # 255 / 3: the 8-bit distance between two 2-bit levels
 ALPHA_MIN = 1e-3        # α is clamped here in forward (a zero range has no gradient)
 SCALE_EPS = torch.finfo(torch.float32).eps
-#: Roles of activations (the feature path, counted in ``avg_bits``) and of parameters.
+#: Roles of activations (the feature path, counted in ``avg_bits``); the others are parameters.
 ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "score")
-PARAMETER_ROLES = ("weight", "attention")
 #: The roles each kind of layer uses (``prop``: one SMP/APPNP propagation step).
 KIND_ROLES = {
     "linear": ("input", "weight", "feature"),
