@@ -182,7 +182,7 @@ def read(name: str, root: Path, download: str, normalize_features: bool) -> Load
         work = working_folder(src, source.folder)
         downloading = check_files(name, src, work, source.folder, source.files, source.url,
                                   download)
-        with exclusive(work):
+        with exclusive(work):  # after the check: a load that fails offline makes no folders
             if downloading:
                 unlink_symlinks(work)
             loaded = read_or_explain(name, src, work, source.files, work / source.processed,
