@@ -326,10 +326,12 @@ def check_override_keys(overrides: list[str], conf_dir: Path) -> None:
     and options of a config group's other choices (``model.steps`` is SMP's, not GCN's).
 
     Hydra would refuse them too, but without naming the choices. Group selections
-    (``model=gat``), additions (``+x=``), deletions (``~x``), Hydra's own keys and the
-    method-owned ``quant.*`` section are left to Hydra and to the method's own checks.
+    (``model=gat``) must name one of the group's files (:func:`check_group_choices`);
+    additions (``+x=``), deletions (``~x``), Hydra's own keys and the method-owned ``quant.*``
+    section are left to Hydra and to the method's own checks.
     """
     groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+    check_group_choices(overrides, conf_dir)
     top_level = {f.name for f in dataclasses.fields(TrainConfig)} | set(groups)
     for override in overrides:
         key = override.split("=", 1)[0]
@@ -346,6 +348,26 @@ def check_override_keys(overrides: list[str], conf_dir: Path) -> None:
             raise GnnqError(unknown_option_message(key))
         if parts[0] in groups:
             _check_group_option(parts[0], parts[1], overrides, conf_dir)
+
+
+#: How the messages name a config group's choices.
+GROUP_NOUNS = {"quant": "quantizer", "strategy": "training strategy",
+               "tracking": "tracking backend", "experiment": "experiment preset"}
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """``group=choice`` (also ``+group=``, and each item of a sweep list ``a,b``) must name a
+    file of the group. Hydra refuses the others too, but wraps the list of choices in its
+    search path and a hint about stack traces."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+")
+        if not sep or not group or not (conf_dir / group).is_dir() or "(" in value or "$" in value:
+            continue  # deletions, options, Hydra's own groups, sweep functions, interpolations
+        for choice in (c.strip() for c in value.split(",")):
+            if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
+                available = (p.stem for p in (conf_dir / group).glob("*.yaml"))
+                raise choice_error(GROUP_NOUNS.get(group, group), choice, available)
 
 
 def _yaml_keys(path: Path, section: Optional[str] = None) -> set[str]:

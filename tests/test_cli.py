@@ -33,8 +33,11 @@ def test_train_help_and_cfg(tmp_path):
 
 
 @pytest.mark.parametrize("override, fragments", [
-    ("dataset=imagenet", ["dataset/imagenet", "cora", "reddit_binary"]),
-    ("model=transformer", ["model/transformer", "gcn", "gat"]),
+    ("dataset=imagenet", ["Unknown dataset 'imagenet'", "cora", "reddit_binary"]),
+    ("model=transformer", ["Unknown model 'transformer'", "gcn", "gat"]),
+    ("+quant=a2qq", ["Unknown quantizer 'a2qq'", "a2q, degree_quant, smoothness"]),
+    ("dataset=cora,imagenet", ["Unknown dataset 'imagenet'", "citeseer"]),
+    ("+experiment=a2q_gcn_corra", ["Unknown experiment preset 'a2q_gcn_corra'", "a2q_gcn_cora"]),
     ("trainer.epochs=many", ["trainer.epochs", "many"]),
     ("model.dropout=1.5", ["model.dropout", "1.5", "<= 1.0"]),
     ("runs=0", ["runs", ">= 1"]),
@@ -57,6 +60,7 @@ def test_bad_config_values(tmp_path, override, fragments):
     proc = run_gnnq("train", *override.split(), "tracking=none", f"hydra.run.dir={tmp_path}/out",
                     cwd=tmp_path)
     assert_clean_error(proc, *fragments)
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and "search path" not in proc.stderr
 
 
 @pytest.mark.parametrize("overrides, expected", [
