@@ -327,15 +327,15 @@ def check_override_keys(overrides: list[str], conf_dir: Path) -> None:
 
     Hydra would refuse them too, but without naming the choices. Group selections
     (``model=gat``) must name one of the group's files (:func:`check_group_choices`);
-    additions (``+x=``), deletions (``~x``), Hydra's own keys and the method-owned ``quant.*``
-    section are left to Hydra and to the method's own checks.
+    additions (``+x=``), deletions (``~x``) and Hydra's own keys are left to Hydra, the values
+    of ``quant.*`` to the method's own checks.
     """
     groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
     check_group_choices(overrides, conf_dir)
     top_level = {f.name for f in dataclasses.fields(TrainConfig)} | set(groups)
     for override in overrides:
         key = override.split("=", 1)[0]
-        if "=" not in override or key.startswith(("+", "~", "hydra", "quant.")):
+        if "=" not in override or key.startswith(("+", "~", "hydra")):
             continue
         if "." not in key:
             if key not in top_level:
@@ -401,9 +401,15 @@ def _check_group_option(group: str, option: str, overrides: list[str], conf_dir:
             return
         candidates |= {c for g, c in _experiment_choices(path).items() if g == group}
         allowed |= _yaml_keys(path, group)
-    if not candidates:
-        candidates = {c for g, c in _experiment_choices(conf_dir / "train.yaml").items()
-                      if g == group}
+    defaults = _experiment_choices(conf_dir / "train.yaml")
+    plus = "" if group in defaults else "+"  # an optional group is added, not overridden
+    if not candidates and group in defaults:
+        candidates = {defaults[group]}
+    if not candidates and not allowed:
+        choices = "|".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+        raise GnnqError(f"Config option '{group}.{option}' belongs to a "
+                        f"{GROUP_NOUNS.get(group, group)}, and none is selected. Select one "
+                        f"first: gnnq train {plus}{group}=<{choices}> {group}.{option}=<value>.")
     paths = [conf_dir / group / f"{choice}.yaml" for choice in sorted(candidates)]
     if not paths or not all(p.is_file() for p in paths):  # sweep lists, typos: Hydra's turn
         return
@@ -412,10 +418,10 @@ def _check_group_option(group: str, option: str, overrides: list[str], conf_dir:
         return
     owners = sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if option in _yaml_keys(p))
     owned = (f"it is an option of {', '.join(f'{group}={o}' for o in owners)}"
-             if owners else f"no {group} choice has it")
+             if owners else f"no {GROUP_NOUNS.get(group, group)} has it")
     selected = " or ".join(f"{group}={p.stem}" for p in paths)
     raise GnnqError(f"Config option '{group}.{option}' does not apply to {selected}: {owned}. "
                     f"Options of {selected}: {', '.join(sorted(set.union(*keys)))}."
                     + (f" Select {'it' if len(owners) == 1 else 'one of those'} first, e.g. "
-                       f"gnnq train {group}={owners[0]} {group}.{option}=<value>."
+                       f"gnnq train {plus}{group}={owners[0]} {group}.{option}=<value>."
                        if owners else ""))

@@ -426,7 +426,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: Path,
     elif not Path(config.data.root).expanduser().is_dir():
         config.data.root = "data"  # the training machine's folder: use $GNNQ_DATA / ./data
     task = load_task(config.data, config.dataset)
-    quantizers = build_quantizers(config.quant, task)
+    quantizers = build_quantizers(config.quant)
     model = build_model(config.model, task, quantizers)
     state = checkpoint["state_dict"]
     want = model.state_dict()

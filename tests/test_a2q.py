@@ -150,8 +150,8 @@ def test_learned_bits_are_clamped_to_the_range():
 
 
 # -- penalty ---------------------------------------------------------------------------------
-def _a2q(task, **quant):
-    return build_quantizers({"name": "a2q", **quant}, task)
+def _a2q(**quant):
+    return build_quantizers({"name": "a2q", **quant})
 
 
 def _penalty_model(factory, task, bits):
@@ -165,7 +165,7 @@ def _penalty_model(factory, task, bits):
 
 def test_kb_penalty_value_and_gradient():
     task = node_task(num_nodes=4)
-    factory = _a2q(task, memory_target_kb=0.001, penalty_weight=3.0, memory_dim=16)
+    factory = _a2q(memory_target_kb=0.001, penalty_weight=3.0, memory_dim=16)
     model, q = _penalty_model(factory, task, [1.2, 2.0, 2.9, 4.0])
     stored = q.bits.detach().view(-1) + 1  # post-ReLU input: unsigned, +1 sign bit
     memory = 16 * stored.sum() / KB
@@ -181,7 +181,7 @@ def test_kb_penalty_value_and_gradient():
                                           ([1.0, 1.0, 2.0, 2.0], 2.0)])   # below: off
 def test_budget_penalty_value_and_gradient(bits, budget):
     task = node_task(num_nodes=4)
-    factory = _a2q(task, bit_budget=budget, penalty_weight=2.0, init_bits=4)
+    factory = _a2q(bit_budget=budget, penalty_weight=2.0, init_bits=4)
     model, q = _penalty_model(factory, task, bits)
     excess = max(sum(bits) / 4 - budget, 0.0)
     huber = excess ** 2 / 0.5 if excess < 0.25 else excess - 0.125
@@ -196,7 +196,7 @@ def test_budget_penalty_value_and_gradient(bits, budget):
 
 def test_no_penalty_without_budget_or_target():
     task = node_task()
-    factory = _a2q(task, bit_budget=None)
+    factory = _a2q(bit_budget=None)
     model, _ = _penalty_model(factory, task, [3.0] * 24)
     assert factory.penalty(model) is None
 
@@ -215,7 +215,7 @@ def _gradients(strategy_name, task, factory):
 
 def test_local_gradient_touches_only_quantizer_parameters():
     task = node_task(nonnegative=True)
-    factory = _a2q(task, bit_budget=1.0)
+    factory = _a2q(bit_budget=1.0)
     model, task_grads = _gradients("task_gradient", task, factory)
     _, local_grads = _gradients("local_gradient", task, factory)
     local = {f"{name}.{p}" for name, m in model.named_modules()
@@ -284,7 +284,7 @@ def test_nns_gradients_scatter_into_the_table():
 
 def test_placement_node_gcn_and_graph_gin():
     task = node_task()
-    model = build_model(ModelConfig(name="gcn", hidden=8), task, _a2q(task))
+    model = build_model(ModelConfig(name="gcn", hidden=8), task, _a2q())
     roles = {n: type(m).__name__ for n, m in model.named_modules()
              if isinstance(m, A2QQuantizer)}
     assert roles == {"convs.0.lin.q.weight": "A2QQuantizer",
@@ -299,7 +299,7 @@ def test_placement_node_gcn_and_graph_gin():
                    y=torch.tensor([0])) for _ in range(3)]
     gtask = Task("toy", "graph", 1, 2, "acc", split=None, graphs=graphs)
     model = build_model(ModelConfig(name="gin", hidden=8, layers=2), gtask,
-                        _a2q(gtask, nns_table_size=7))
+                        _a2q(nns_table_size=7))
     tables = {n for n, m in model.named_modules() if isinstance(m, NNSQuantizer)}
     assert tables == {"convs.0.nn.2.q.input", "convs.1.nn.0.q.input", "convs.1.nn.2.q.input",
                       "head.0.q.input", "head.1.q.input"}  # the degree feature stays FP32
@@ -310,10 +310,10 @@ def test_placement_node_gcn_and_graph_gin():
 def test_uniform_bits_ablation_keeps_init_bits_and_counts_them():
     task = node_task()
     model = build_model(ModelConfig(name="gcn", hidden=8), task,
-                        _a2q(task, learn_bits=False, init_bits=2, bit_budget=1.0))
+                        _a2q(learn_bits=False, init_bits=2, bit_budget=1.0))
     features = model.convs[1].lin.q.input
     assert not features.learn_bits and "bits" not in dict(features.named_parameters())
-    assert _a2q(task, learn_bits=False).penalty(model) is None
+    assert _a2q(learn_bits=False).penalty(model) is None
     model(task.graph.x, task.graph.edge_index)
     assert average_bits(model) == 2.0  # the budget does not lower fixed bits
 
@@ -322,7 +322,7 @@ def test_uniform_bits_ablation_keeps_init_bits_and_counts_them():
 def test_weight_steps_start_from_the_weights_by_default(rule):
     task = node_task()
     model = build_model(ModelConfig(name="gcn", hidden=8), task,
-                        _a2q(task, weight_step_init=rule))
+                        _a2q(weight_step_init=rule))
     lin = model.convs[0].lin
     drawn = lin.q.weight.step.detach().clone()
     model(task.graph.x, task.graph.edge_index)
@@ -364,7 +364,7 @@ def test_spearman_with_ties():
 ])
 def test_bad_options_name_the_key(quant, fragments):
     with pytest.raises(GnnqError) as err:
-        _a2q(node_task(), **quant)
+        _a2q(**quant)
     for fragment in fragments:
         assert fragment in str(err.value)
 

@@ -55,6 +55,11 @@ def test_train_help_and_cfg(tmp_path):
      ["'model.steps'", "model=gcn or model=gin", "model=smp", "train_eps"]),
     ("dataset=reddit_binary dataset.split=random",
      ["'dataset.split'", "dataset=reddit_binary", "dataset=cora", "folds"]),
+    ("quant.bits=4", ["'quant.bits'", "none is selected", "+quant=<a2q|degree_quant|smoothness>"]),
+    ("+quant=a2q quant.foo=1", ["'quant.foo'", "no quantizer has it", "bit_budget, init_bits"]),
+    ("+quant=smoothness quant.bit_budget=2", ["'quant.bit_budget'", "+quant=a2q quant.bit_budget"]),
+    # A method's own checks run before the data loads (here: there is none, offline).
+    ("+quant=degree_quant quant.bits=3 data.download=never", ["quant.bits: 3", "4, 8"]),
 ])
 def test_bad_config_values(tmp_path, override, fragments):
     proc = run_gnnq("train", *override.split(), "tracking=none", f"hydra.run.dir={tmp_path}/out",

@@ -76,7 +76,7 @@ def test_graph_models_hand_the_batch_to_the_protection_mask(monkeypatch):
     for name in ("gin", "gcn"):
         seen.clear()
         model = build_model(ModelConfig(name=name, layers=2, hidden=8), task,
-                            build_quantizers({"name": "degree_quant", "bits": 4}, task))
+                            build_quantizers({"name": "degree_quant", "bits": 4}))
         model.train()
         model(batch.x, batch.edge_index, batch.batch)
         assert len(seen) == 2 and all(torch.equal(b, batch.batch) for b in seen), name
@@ -316,7 +316,7 @@ def test_models_train_and_report_their_bits(name, level, bits):
         task, batch = graph_task()
         inputs = (batch.x, batch.edge_index, batch.batch)
     model = build_model(ModelConfig(name=name, hidden=8, layers=2), task,
-                        build_quantizers(quant, task))
+                        build_quantizers(quant))
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     roles = {r for m in model.modules() if isinstance(m, RoleQuantizers) for r in m.by_role}
     expected = {"input", "weight", "feature", "message", "aggregate", "update"}
@@ -334,7 +334,7 @@ def test_raw_input_can_stay_fp32():
     task = node_task()
     for flag, has_input in ((True, True), (False, False)):
         model = build_model(ModelConfig(name="gcn"), task, build_quantizers(
-            {"name": "degree_quant", "quantize_raw_input": flag}, task))
+            {"name": "degree_quant", "quantize_raw_input": flag}))
         assert model.convs[0].lin.q.has("input") == has_input
         assert model.convs[1].lin.q.has("input")
 
@@ -352,7 +352,7 @@ def test_raw_input_can_stay_fp32():
 ])
 def test_invalid_options_name_the_value_and_the_valid_choices(option, fragments):
     with pytest.raises(GnnqError) as err:
-        build_quantizers({"name": "degree_quant", **option}, node_task())
+        build_quantizers({"name": "degree_quant", **option})
     for fragment in fragments:
         assert fragment in str(err.value), str(err.value)
 
@@ -363,11 +363,11 @@ def test_the_config_group_composes_and_its_overrides_are_checked():
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = validate(compose("train", overrides=["+quant=degree_quant"]))
         bad = validate(compose("train", overrides=["+quant=degree_quant", "quant.bits=3"]))
-    factory = build_quantizers(cfg.quant, node_task())
+    factory = build_quantizers(cfg.quant)
     assert (factory.cfg.bits, factory.cfg.p_min, factory.cfg.p_max) == (8, 0.0, 0.1)
     assert cfg.strategy.name == "task_gradient"
     with pytest.raises(GnnqError, match=r"quant\.bits: 3\b.*4, 8"):
-        build_quantizers(bad.quant, node_task())
+        build_quantizers(bad.quant)
 
 
 # -- the hook leaves other quantizers alone ---------------------------------------------------

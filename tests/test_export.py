@@ -52,7 +52,7 @@ def fake_quant_logits(checkpoint: Path):
     ck = torch.load(checkpoint, weights_only=True)
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), ck["config"]))
     task = load_task(config.data, config.dataset)
-    model = build_model(config.model, task, build_quantizers(config.quant, task))
+    model = build_model(config.model, task, build_quantizers(config.quant))
     model.load_state_dict(ck["state_dict"])
     model.eval()
     with torch.no_grad():
@@ -308,7 +308,7 @@ def test_other_methods_grids_reproduce_their_quantizers(method, quant):
 
     task = load_task(DataRootConfig(), DatasetConfig(name="synthetic"))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="gcn"), task, build_quantizers(quant, task))
+    model = build_model(ModelConfig(name="gcn"), task, build_quantizers(quant))
     g = task.graph
     model.train()
     with torch.no_grad():
@@ -363,7 +363,7 @@ def test_the_official_emp_baseline_is_refused_with_the_choices():
 
     task = load_task(DataRootConfig(), DatasetConfig(name="synthetic"))
     model = build_model(ModelConfig(name="smp", steps=2, propagation="emp"), task,
-                        build_quantizers({"name": "smoothness", "bits": 4}, task))
+                        build_quantizers({"name": "smoothness", "bits": 4}))
     with pytest.raises(GnnqError, match="propagation=emp.*smp and appnp"):
         pack_model(model, task.graph.edge_index, task.graph.num_nodes)
 
@@ -384,7 +384,7 @@ def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, t
     task = load_task(DataRootConfig(), DatasetConfig(name="synthetic"))
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="smp", steps=3, propagation=propagation), task,
-                        build_quantizers({"name": "smoothness", "bits": 4}, task))
+                        build_quantizers({"name": "smoothness", "bits": 4}))
     model.prop.multiplier_init = 0.5  # a correction large enough to matter in every logit
     model.prop.multiplier_bound = 0.3  # ... clipped from the first update on
     g = task.graph

@@ -42,8 +42,8 @@ def node_task(n=30, features=6, classes=3):
     return Task("toy", "node", features, classes, "acc", split=None, graph=g)
 
 
-def smoothness(task=None, **quant):
-    return build_quantizers({"name": "smoothness", **quant}, task or node_task())
+def smoothness(**quant):
+    return build_quantizers({"name": "smoothness", **quant})
 
 
 def dense_operators(edge_index, n):
@@ -322,7 +322,7 @@ def sparse_feature_models(monkeypatch, x, **quant):
     it is (dense)."""
     task = node_task(n=x.size(0), features=x.size(1))
     task.graph.x = x
-    factory = smoothness(task, **quant) if quant else None
+    factory = smoothness(**quant) if quant else None
     monkeypatch.setattr(quant_base, "SPARSE_MIN_ELEMENTS", x.numel())
     torch.manual_seed(3)
     sparse = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
@@ -483,7 +483,7 @@ def test_smp_runs_sparse_on_a_one_million_edge_graph(monkeypatch):
                            y=torch.zeros(n, dtype=torch.long)))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     model = build_model(ModelConfig(name="smp", hidden=8, steps=3), task,
-                        smoothness(task, bits=4))
+                        smoothness(bits=4))
     out = model(task.graph.x, task.graph.edge_index)
     assert out.shape == (n, c) and torch.isfinite(out).all()
     out.mean().backward()
@@ -508,7 +508,7 @@ def test_fp32_smp_is_mlp_then_appnp():
 def test_every_stage_of_smp_has_its_own_quantizer():
     task = node_task()
     model = build_model(ModelConfig(name="smp", hidden=8, steps=3), task,
-                        smoothness(task, bits=4))
+                        smoothness(bits=4))
     model(task.graph.x, task.graph.edge_index)
     quantizers = {name: m for name, m in model.named_modules() if isinstance(m, QLRQuantizer)}
     expected = {f"lin{i}.q.{r}" for i in (1, 2) for r in ("input", "weight", "feature")}
@@ -526,7 +526,7 @@ def test_every_stage_of_smp_has_its_own_quantizer():
 
 def test_shared_prop_alpha_is_one_parameter_per_role_and_per_model():
     task = node_task()
-    factory = smoothness(task, bits=4, share_prop_alpha=True)
+    factory = smoothness(bits=4, share_prop_alpha=True)
     first = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
     second = build_model(ModelConfig(name="smp", hidden=8, steps=3), task, factory)
     for model in (first, second):
@@ -546,7 +546,7 @@ def test_shared_prop_alpha_trains(reinit_every):
     shared α after earlier steps of the same pass have used it; backward must still work
     and reach the one shared α."""
     task = node_task()
-    factory = smoothness(task, bits=4, share_prop_alpha=True, alpha_grad="code",
+    factory = smoothness(bits=4, share_prop_alpha=True, alpha_grad="code",
                          reinit_every=reinit_every)
     model = build_model(ModelConfig(name="smp", hidden=8, steps=3, correction="adjacency"),
                         task, factory)
@@ -565,7 +565,7 @@ def test_shared_prop_alpha_trains(reinit_every):
 def test_the_same_quantizer_works_with_gcn_gin_gat(name):
     task = node_task()
     model = build_model(ModelConfig(name=name, hidden=8, heads=2), task,
-                        smoothness(task, bits=2, truncation="btstar"))
+                        smoothness(bits=2, truncation="btstar"))
     out = model(task.graph.x, task.graph.edge_index)
     out.sum().backward()
     quantizers = [m for m in model.modules() if isinstance(m, QLRQuantizer)]
@@ -580,7 +580,7 @@ def test_the_same_quantizer_works_with_gcn_gin_gat(name):
 def test_alpha_gets_its_own_learning_rate_and_weight_decay():
     task = node_task()
     model = build_model(ModelConfig(name="smp", hidden=8, steps=2), task,
-                        smoothness(task, lr=3e-4, weight_decay=5e-5))
+                        smoothness(lr=3e-4, weight_decay=5e-5))
     groups = build_strategy(StrategyConfig()).param_groups(
         model, TrainerConfig(lr=0.01, weight_decay=1e-5))
     alpha_groups = [g for g in groups if g.get("lr") == 3e-4]
@@ -626,7 +626,7 @@ def test_smp_learns_a_planted_partition_at_two_bits():
     x = 0.8 * torch.nn.functional.one_hot(y, 3).float() @ torch.randn(3, 12) + torch.randn(180, 12)
     task = Task("sbm", "node", 12, 3, "acc", split=None, graph=Data(x=x, edge_index=edge_index, y=y))
     model = build_model(ModelConfig(name="smp", hidden=16, dropout=0.2, steps=5), task,
-                        smoothness(task, bits=2, truncation="btstar"))
+                        smoothness(bits=2, truncation="btstar"))
     groups = build_strategy(StrategyConfig()).param_groups(model, TrainerConfig(weight_decay=0))
     optimizer = torch.optim.Adam(groups, lr=0.02)
     train = torch.rand(180) < 0.3

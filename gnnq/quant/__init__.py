@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from gnnq.data.task import Task
 from gnnq.errors import GnnqError, choice_error
 from gnnq.quant.a2q import build_a2q
 from gnnq.quant.base import QuantizerFactory
 from gnnq.quant.degree_quant import build_degree_quant
 from gnnq.quant.smoothness import build_smoothness
 
-#: name -> builder(quant config dict, task) -> QuantizerFactory. Methods register here.
+#: name -> builder(quant config dict) -> QuantizerFactory. Methods register here.
 #: A factory may also define ``penalty(model) -> Tensor | None``, a loss term for the last
 #: forward pass that the trainer hands to the strategy with the task loss, and
 #: ``artifacts(model, task, folder) -> list[Path]``, files the experiment logs under
 #: ``analysis/`` for the selected model of the last run.
-METHODS: dict[str, Callable[[dict[str, Any], Task], QuantizerFactory]] = {
+METHODS: dict[str, Callable[[dict[str, Any]], QuantizerFactory]] = {
     "a2q": build_a2q,
     "degree_quant": build_degree_quant,
     "smoothness": build_smoothness,
 }
 
 
-def build_quantizers(quant: Optional[dict[str, Any]], task: Task) -> Optional[QuantizerFactory]:
-    """The factory for ``quant`` (``None``: full precision, every role the identity)."""
+def build_quantizers(quant: Optional[dict[str, Any]]) -> Optional[QuantizerFactory]:
+    """The factory for ``quant`` (``None``: full precision, every role the identity). It needs
+    no data, so a bad option fails before a dataset is loaded."""
     if quant is None:
         return None
     name = quant.get("name")
@@ -33,4 +33,4 @@ def build_quantizers(quant: Optional[dict[str, Any]], task: Task) -> Optional[Qu
             raise GnnqError(f"Unknown quantization method {name!r}: this build of gnnq has no "
                             f"quantization methods yet; leave out +quant for FP32.")
         raise choice_error("quantization method (quant.name)", name, METHODS)
-    return METHODS[name](quant, task)
+    return METHODS[name](quant)

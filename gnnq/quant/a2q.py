@@ -509,7 +509,7 @@ class A2Q:
         return write_bit_analysis(model, task, folder)
 
 
-def build_a2q(quant: dict[str, Any], task: Task) -> A2Q:
+def build_a2q(quant: dict[str, Any]) -> A2Q:
     return A2Q(parse_config(quant))
 
 

@@ -71,7 +71,6 @@ import torch
 from torch import Tensor
 
 from gnnq.config import check_choice, check_range, parse_method_config
-from gnnq.data.task import Task
 from gnnq.errors import GnnqError
 from gnnq.quant.base import BitCost, GraphContext, LayerSpec, Quantizer
 
@@ -416,7 +415,7 @@ class DegreeQuant:
         return WeightQuantizer(self.cfg.bits, self.cfg.ste == "masked")
 
 
-def build_degree_quant(quant: dict[str, Any], task: Task) -> DegreeQuant:
+def build_degree_quant(quant: dict[str, Any]) -> DegreeQuant:
     return DegreeQuant(parse_config(quant))
 
 

@@ -61,7 +61,6 @@ import torch
 from torch import Tensor, nn
 
 from gnnq.config import check_choice, check_range, parse_method_config
-from gnnq.data.task import Task
 from gnnq.errors import GnnqError
 from gnnq.quant.base import (BitCost, LayerSpec, Quantizer, csr_values, csr_with_values,
                              mostly_zeros)
@@ -468,7 +467,7 @@ class Smoothness:
                             alpha=alpha, owns_alpha=owns)
 
 
-def build_smoothness(quant: dict[str, Any], task: Task) -> Smoothness:
+def build_smoothness(quant: dict[str, Any]) -> Smoothness:
     return Smoothness(parse_config(quant))
 
 

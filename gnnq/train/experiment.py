@@ -56,9 +56,9 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
                    job_overrides: str = "") -> dict[str, Any]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    quantizers = build_quantizers(config.quant)  # a bad option fails before the data loads
     tracker = make_tracker(config.tracking)  # fails fast on an unreachable store
     task = load_task(config.data, config.dataset)
-    quantizers = build_quantizers(config.quant, task)
     metric = task.metric
 
     start_tracking(tracker, config, config.tracking.run_name
