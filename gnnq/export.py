@@ -350,13 +350,10 @@ def resolve_checkpoint(source: str, run: Optional[int], tracking_uri: Optional[s
         return _pick_run(folder, run, source), {"checkpoint": str(folder.resolve())}
     if RUN_ID.match(source):
         uri = tracking_uri or "sqlite:///mlflow.db"
-        from gnnq.tracking.mlflow_tracker import check_reachable
+        from gnnq.tracking.mlflow_tracker import open_client
 
-        check_reachable(uri, 10.0)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = open_client(uri, 10.0, must_exist=True)
         try:
             client.get_run(source)
             local = client.download_artifacts(source, "checkpoints", str(workdir))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from gnnq.errors import GnnqError
-from gnnq.tracking.mlflow_tracker import check_reachable
+from gnnq.tracking.mlflow_tracker import open_client
 
 RULES = ("test", "best_test", "val")
 # What names a job's precision, first match wins (A²Q's KB target overrides its bit budget).
@@ -147,10 +147,7 @@ def plot(groups: list[Group], path: Path, title: str) -> None:
 
 
 def search(uri: str, experiments: list[str], parent: Optional[str], tags: list[str]) -> list:
-    from mlflow.tracking import MlflowClient
-
-    check_reachable(uri, 10.0)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri, 10.0, must_exist=True)
     found = {e.name: e.experiment_id for e in client.search_experiments()}
     names = experiments or list(found)
     missing = [n for n in names if n not in found]

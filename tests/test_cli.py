@@ -157,6 +157,19 @@ def test_dead_tracking_server(tmp_path):
     assert_clean_error(proc, "did not answer", "tracking=none")
 
 
+@pytest.mark.parametrize("content, fragments", [
+    (b"not a database", ["is not a SQLite database", "move the file away"]),
+    (b"SQLite format 3\x00" + b"\x01" * 200, ["could not be opened", "DatabaseError"]),
+])
+def test_damaged_tracking_store(tmp_path, content, fragments):
+    (tmp_path / "mlflow.db").write_bytes(content)
+    proc = run_gnnq("train", "dataset=synthetic", *FAST,
+                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert_clean_error(proc, "sqlite:///", *fragments)
+    assert (tmp_path / "mlflow.db").read_bytes() == content  # left as it was
+
+
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     proc = run_gnnq("train", "-m", "dataset=synthetic", "trainer.lr=0.01,1e30",
                     "trainer.weight_decay=0", "tracking=none", *FAST,

@@ -92,3 +92,13 @@ def test_report_bad_input(store):
                        "'nope'", "cmp")
     assert_clean_error(run_gnnq("report", "--uri", uri, "--tag", "dataset=pubmed",
                                 cwd=tmp_path), "No finished gnnq runs")
+
+
+def test_report_on_a_missing_or_damaged_store(tmp_path):
+    missing = tmp_path / "typo.db"
+    assert_clean_error(run_gnnq("report", "--uri", f"sqlite:///{missing}", cwd=tmp_path),
+                       "There is no MLflow store", str(missing))
+    assert not missing.exists()  # a reader does not create an empty store
+    (tmp_path / "notes.db").write_text("not a database")
+    assert_clean_error(run_gnnq("report", "--uri", f"sqlite:///{tmp_path}/notes.db",
+                                cwd=tmp_path), "is not a SQLite database")

@@ -57,8 +57,50 @@ def check_reachable(uri: str, timeout: float) -> None:
                 f"Set tracking.uri to a writable location or use tracking=none.")
 
 
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):]).expanduser().resolve()
+
+
 def _sqlite_folder(uri: str) -> Path:
-    return Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+    return _sqlite_path(uri).parent
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def open_client(uri: str, timeout: float, *, must_exist: bool = False):
+    """An ``MlflowClient`` on ``uri``, or one clear error: a server that does not answer, a
+    folder that cannot be written, a file that is not a SQLite database, a store MLflow cannot
+    open, and for readers (``must_exist``) a SQLite store that is not there, which MLflow
+    would otherwise create empty."""
+    _limit_http_retries(timeout)
+    check_reachable(uri, timeout)
+    if uri.startswith("sqlite:///"):
+        path = _sqlite_path(uri)
+        if must_exist and not path.is_file():
+            raise GnnqError(f"There is no MLflow store at {uri} ({path} does not exist). Give "
+                            f"the store the runs were logged to: the training jobs' "
+                            f"tracking.uri, by default sqlite:///mlflow.db in the folder "
+                            f"gnnq train ran in.")
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as f:
+                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise GnnqError(
+                        f"The MLflow store {uri} is not a SQLite database: {path} is damaged "
+                        f"or another kind of file. Point the URI at an MLflow store, or move "
+                        f"the file away to start a new one.")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with _one_connect_at_a_time(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # opens (and for SQLite, migrates) it
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy, MLflow and OS errors alike
+        raise GnnqError(f"The MLflow store {uri} could not be opened ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'no details'}). Point the "
+                        f"URI at a working MLflow store, or train with tracking=none and send "
+                        f"the jobs later with gnnq log.") from None
+    return client
 
 
 @contextmanager
@@ -134,13 +176,8 @@ class Tracker:
 
 class MlflowTracker(Tracker):
     def __init__(self, cfg: TrackingConfig) -> None:
-        _limit_http_retries(cfg.connect_timeout)
-        check_reachable(cfg.uri, cfg.connect_timeout)
-        from mlflow.tracking import MlflowClient
-
         self.cfg = cfg
-        with _one_connect_at_a_time(cfg.uri):
-            self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.client = open_client(cfg.uri, cfg.connect_timeout)
         self.run_id = None
         self.failure: Optional[Exception] = None
         self._pending: list = []
