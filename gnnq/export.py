@@ -383,8 +383,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors of several types
-        raise GnnqError(f"{path}: not a readable gnnq checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+        # The first sentence only: PyTorch's next ones advise weights_only=False, which is
+        # not the user's to change.
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0]
+        raise GnnqError(f"{path}: not a readable gnnq checkpoint (a damaged file, or not one "
+                        f"gnnq train wrote; {type(err).__name__}: {reason}).") from None
     missing = [k for k in ("state_dict", "config", "task") if k not in checkpoint] \
         if isinstance(checkpoint, dict) else ["state_dict", "config", "task"]
     if missing:

@@ -204,6 +204,10 @@ def test_cli_export_bad_sources(tmp_path):
     junk.write_bytes(b"junk")
     code, _, stderr = in_process("export", str(junk))
     assert code == 2 and str(junk) in stderr and "not a readable gnnq checkpoint" in stderr
+    junk.write_bytes(b"garbage\n")  # an unpickling error, whose PyTorch text advises ...
+    code, _, stderr = in_process("export", str(junk))
+    assert code == 2 and "UnpicklingError" in stderr
+    assert "weights_only" not in stderr  # ... weights_only=False: not the user's to change
 
 
 def test_cli_bench_smoke_writes_report_and_logs_to_mlflow(tmp_path):
