@@ -240,6 +240,8 @@ def compose_config(args: list[str]) -> BenchConfig:
     for arg in args:
         if arg.startswith("bench="):
             preset = arg.split("=", 1)[1]
+        elif arg.startswith("tracking="):  # as in gnnq train, where tracking= picks a group
+            overrides.append(f"tracking.backend={arg.split('=', 1)[1]}")
         else:
             overrides.append(arg)
     folder = config_dir() / "bench"

@@ -358,6 +358,14 @@ def test_bench_config_without_hydra_matches_hydra(preset, monkeypatch):
     assert plain == hydra_cfg and tiny == hydra_cfg
 
 
+def test_bench_takes_tracking_none_as_gnnq_train_does():
+    from gnnq import bench
+
+    assert bench.compose_config(["bench=smoke", "tracking=none"]).tracking.backend == "none"
+    with pytest.raises(GnnqError, match="Unknown bench tracking backend 'nope'.*mlflow, none"):
+        bench.compose_config(["bench=smoke", "tracking=nope"])
+
+
 def test_the_official_emp_baseline_is_refused_with_the_choices():
     from gnnq.config import DataRootConfig, DatasetConfig, ModelConfig
     from gnnq.data import load_task
