@@ -361,6 +361,7 @@ def test_spearman_with_ties():
     ({"lr": {"bitz": 1}}, ["quant.lr.bitz", "bits", "feature"]),
     ({"ste": "soft"}, ["quant.ste", "identity", "masked"]),
     ({"bit_budget": 12}, ["quant.bit_budget", "<= 8"]),
+    ({"init_bits": 12}, ["quant.init_bits: 12", "1..8", "learn_bits=false"]),
 ])
 def test_bad_options_name_the_key(quant, fragments):
     with pytest.raises(GnnqError) as err:

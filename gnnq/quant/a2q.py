@@ -121,6 +121,11 @@ class A2QConfig:
             raise GnnqError(f"Invalid value for quant.min_bits: {self.min_bits} is above "
                             f"quant.max_bits ({self.max_bits}). Both must lie in 1.."
                             f"{HARD_MAX_BITS} with min_bits <= max_bits.")
+        if self.learn_bits and not self.min_bits <= self.init_bits <= self.max_bits:
+            raise GnnqError(f"Invalid value for quant.init_bits: {self.init_bits}. Learned bits "
+                            f"start inside quant.min_bits..quant.max_bits ({self.min_bits}.."
+                            f"{self.max_bits}); a fixed width above that needs "
+                            f"quant.learn_bits=false.")
         if self.bit_budget is not None:
             check_range("quant.bit_budget", self.bit_budget, self.min_bits, self.max_bits)
         check_range("quant.penalty_weight", self.penalty_weight, 0.0)
