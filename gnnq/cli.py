@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,8 @@ def _train(args: list[str]) -> int:
                         f"{' and '.join(modes)}. To see a sweep job's config, run it without -m: "
                         f"gnnq train --cfg job <overrides>.")
     check_override_keys([a for a in args if not a.startswith("-")], config_dir())
+    if not modes or modes[0] in ("-m", "--multirun"):  # --cfg / --info make no folder
+        _check_output_folder(args, multirun=bool(modes))
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def train_job(cfg: DictConfig) -> float:
@@ -91,6 +94,22 @@ def _train(args: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _check_output_folder(args: list[str], multirun: bool) -> None:
+    """Hydra makes the job's folder before gnnq's code runs, and reports a failure there as a
+    traceback; so the folder it will make must lie under a writable one."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith(key)]
+    folder = given[-1] if given else "outputs"  # conf/train.yaml: outputs/${task_name}/...
+    static = Path(folder.split("${", 1)[0] or ".").expanduser().absolute()
+    existing = next(p for p in (static, *static.parents) if p.exists())
+    try:  # a real attempt: permission bits say nothing for root or on read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".gnnq-probe-", dir=existing))
+    except OSError as err:
+        raise GnnqError(f"The job's output folder {folder} cannot be made: nothing can be "
+                        f"created in {existing} ({err.strerror}). Set {key}<a writable "
+                        f"folder>, or run gnnq from one.") from None
 
 
 def _print_result(metrics: dict[str, float], output_dir: Path, run_id: str | None) -> None:
@@ -180,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         return SUBCOMMANDS[command][1](rest)
     except GnnqError as err:
         print(f"gnnq: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # a path given on the command line: missing, unwritable, disk full
+        where = f": {err.filename}" if err.filename else ""
+        print(f"gnnq: error: {err.strerror or err}{where}. Check the path, its permissions and "
+              f"the free space.", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("gnnq: interrupted", file=sys.stderr)

@@ -170,6 +170,29 @@ def test_damaged_tracking_store(tmp_path, content, fragments):
     assert (tmp_path / "mlflow.db").read_bytes() == content  # left as it was
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_unwritable_output_folder(tmp_path, multirun):
+    # A regular file in the way (permission bits would not stop root, who runs CI).
+    (tmp_path / "taken").write_text("")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    proc = run_gnnq("train", *(["-m"] if multirun else []), "dataset=synthetic", *FAST,
+                    "tracking=none", f"{key}={tmp_path}/taken/out", cwd=tmp_path)
+    assert_clean_error(proc, f"{tmp_path}/taken/out", "Not a directory", f"{key}=")
+
+
+def test_report_to_an_unwritable_place(tmp_path):
+    (tmp_path / "taken").write_text("")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"), tags={"dataset": "cora"})
+    client.log_metric(run.info.run_id, "test_acc", 80.0)
+    client.set_terminated(run.info.run_id)
+    proc = run_gnnq("report", "--uri", uri, "--out", f"{tmp_path}/taken/report", cwd=tmp_path)
+    assert_clean_error(proc, f"{tmp_path}/taken", "Check the path")
+
+
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     proc = run_gnnq("train", "-m", "dataset=synthetic", "trainer.lr=0.01,1e30",
                     "trainer.weight_decay=0", "tracking=none", *FAST,
