@@ -234,7 +234,7 @@ def _tiny_yaml(text: str):
 
 def compose_config(args: list[str]) -> BenchConfig:
     """Compose ``conf/bench/<preset>.yaml`` with the overrides in ``args``."""
-    from gnnq.cli import config_dir
+    from gnnq.cli import check_folder_can_be_made, config_dir
 
     preset, overrides = "cpu", []
     for arg in args:
@@ -255,20 +255,20 @@ def compose_config(args: list[str]) -> BenchConfig:
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:
         config = _plain_config(preset, overrides, folder)
-        config.command = "gnnq bench " + " ".join(args) if args else "gnnq bench"
-        return config
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name=f"bench/{preset}", overrides=overrides)
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), plain)
-        config: BenchConfig = OmegaConf.to_object(merged)
-    except (HydraException, OmegaConfBaseException) as err:
-        message = str(err).strip().splitlines()
-        raise GnnqError(f"Invalid bench configuration: {message[0] if message else err}. "
-                        f"Options: {', '.join(f.name for f in BenchConfig.__dataclass_fields__.values())}"
-                        f" (conf/bench/{preset}.yaml).") from None
+    else:
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name=f"bench/{preset}", overrides=overrides)
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), plain)
+            config = OmegaConf.to_object(merged)
+        except (HydraException, OmegaConfBaseException) as err:
+            message = str(err).strip().splitlines()
+            options = ", ".join(f.name for f in BenchConfig.__dataclass_fields__.values())
+            raise GnnqError(f"Invalid bench configuration: {message[0] if message else err}. "
+                            f"Options: {options} (conf/bench/{preset}.yaml).") from None
     config.command = "gnnq bench " + " ".join(args) if args else "gnnq bench"
+    check_folder_can_be_made(config.out, "out=")  # before the timings, which take long
     return config
 
 

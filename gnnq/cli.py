@@ -96,20 +96,25 @@ def _train(args: list[str]) -> int:
     return 0
 
 
-def _check_output_folder(args: list[str], multirun: bool) -> None:
-    """Hydra makes the job's folder before gnnq's code runs, and reports a failure there as a
-    traceback; so the folder it will make must lie under a writable one."""
-    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith(key)]
-    folder = given[-1] if given else "outputs"  # conf/train.yaml: outputs/${task_name}/...
+def check_folder_can_be_made(folder: str, setting: str) -> None:
+    """Fail before the work, not after it, when the output ``folder`` (its part before any
+    ``${...}``) cannot be made; ``setting`` is the option that moves it (``out=``)."""
     static = Path(folder.split("${", 1)[0] or ".").expanduser().absolute()
     existing = next(p for p in (static, *static.parents) if p.exists())
     try:  # a real attempt: permission bits say nothing for root or on read-only mounts
         os.rmdir(tempfile.mkdtemp(prefix=".gnnq-probe-", dir=existing))
     except OSError as err:
-        raise GnnqError(f"The job's output folder {folder} cannot be made: nothing can be "
-                        f"created in {existing} ({err.strerror}). Set {key}<a writable "
-                        f"folder>, or run gnnq from one.") from None
+        raise GnnqError(f"The output folder {folder} cannot be made: nothing can be created "
+                        f"in {existing} ({err.strerror}). Set {setting}<a writable folder>, "
+                        f"or run gnnq from one.") from None
+
+
+def _check_output_folder(args: list[str], multirun: bool) -> None:
+    """Hydra makes the job's folder before gnnq's code runs, and reports a failure there as a
+    traceback."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith(key)]
+    check_folder_can_be_made(given[-1] if given else "outputs", key)  # conf/train.yaml
 
 
 def _print_result(metrics: dict[str, float], output_dir: Path, run_id: str | None) -> None:

@@ -358,6 +358,14 @@ def test_bench_config_without_hydra_matches_hydra(preset, monkeypatch):
     assert plain == hydra_cfg and tiny == hydra_cfg
 
 
+def test_bench_refuses_an_output_folder_it_cannot_make_before_measuring(tmp_path):
+    from gnnq import bench
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(GnnqError, match=r"taken/results cannot be made.*Set out="):
+        bench.compose_config(["bench=smoke", f"out={tmp_path}/taken/results"])
+
+
 def test_bench_takes_tracking_none_as_gnnq_train_does():
     from gnnq import bench
 
