@@ -364,7 +364,7 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         group = key.lstrip("+")
         if not sep or not group or not (conf_dir / group).is_dir() or "(" in value or "$" in value:
             continue  # deletions, options, Hydra's own groups, sweep functions, interpolations
-        for choice in (c.strip() for c in value.split(",")):
+        for choice in (c.strip().strip("'\"") for c in value.split(",")):
             if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
                 available = (p.stem for p in (conf_dir / group).glob("*.yaml"))
                 raise choice_error(GROUP_NOUNS.get(group, group), choice, available)

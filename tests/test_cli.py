@@ -75,6 +75,7 @@ def test_bad_config_values(tmp_path, override, fragments):
     (["dataset.split=random", "dataset.train_per_class=10", "dataset.normalize_features=true"],
      ["train_per_class: 10", "normalize_features: true"]),
     (["+experiment=a2q_gat_cora", "dataset.normalize_features=true"], ["normalize_features: true"]),
+    (["dataset='citeseer'", "model=\"gat\""], ["name: citeseer", "heads: 8"]),  # quoted choices
 ])
 def test_options_of_the_selected_choice_pass(tmp_path, overrides, expected):
     proc = run_gnnq("train", "--cfg", "job", *overrides, cwd=tmp_path)
