@@ -64,13 +64,13 @@ On Coauthor CS (K = 10) the multiplier goes past the bound the depth sweep neede
 training pass's `multiplier_min` at epoch 200 is −3.4 to −4.2 on the 10 FP32 splits and −1.6
 to −4.6 at INT4 (9 of 10 below −2.5), so I + 2αλL̃ has negative eigenvalues and the
 correction flips the sign of the change's highest frequencies. Unbounded SMP then trails APPNP
-on all 10 FP32 splits (split 2: 81.84 vs 91.28) and on 8 of 10 at INT4; with |λ| ≤ 2.5
+on 8 of 10 FP32 splits (split 2: 81.84 vs 91.29) and on 8 of 10 at INT4; with |λ| ≤ 2.5
 (`model.multiplier_bound=2.5`) it is level with APPNP (the last column). At INT2-BT* the
 multiplier swings both ways (−3.9 to +1.7 over the logged epochs of the 10 runs; a positive λ
-amplifies the change's high frequencies): unbounded SMP's training loss never falls below 1.8
+amplifies the change's high frequencies): unbounded SMP's training loss stays above 1.79
 (APPNP's reaches 0.40-1.13), its validation accuracy peaks by epoch 25-44 in 9 of 10 runs, and
 it trails APPNP on 9 of 10 splits. Bounded, λ is clipped at −2.5 (every run at epoch 200) and
-SMP leads APPNP by 2.75 pp, on 9 of 10 splits."""
+SMP leads APPNP by 2.91 pp, on 9 of 10 splits."""
 GROUPS = ("cora", "datasets", "depth", "official", "emp")
 PROPAGATIONS = ("smp", "appnp")
 # The depth sweep's extra SMP row: the multiplier clipped to |λ| ≤ 1/(4α) (α = 0.1 in every
