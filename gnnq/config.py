@@ -37,6 +37,9 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise choice_error(f"value for {key}:", value, choices)
 
 
+MAX_SEED = 2**32 - 1  # NumPy's limit (torch takes any 64-bit seed)
+
+
 def check_range(key: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
     bad = (low is not None and (value <= low if low_open else value < low)) or (
@@ -106,6 +109,9 @@ class DatasetConfig:
         for key in ("train_per_class", "val_per_class", "num_val", "num_test"):
             check_range(f"dataset.{key}", getattr(self, key), 1)
         check_range("dataset.folds", self.folds, 2)
+        check_range("dataset.fold_seed", self.fold_seed, 0, MAX_SEED)
+        if self.split_seed is not None:
+            check_range("dataset.split_seed", self.split_seed, 0, MAX_SEED)
 
 
 @dataclass
@@ -269,6 +275,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_range("runs", self.runs, 1)
         check_range("first_run", self.first_run, 0)
+        # Repeat r seeds NumPy (32-bit seeds) with seed + r.
+        check_range("seed", self.seed, 0, MAX_SEED - (self.first_run + self.runs - 1))
         allowed = ("val_acc", "test_acc", "val_mae", "test_mae", "val_metric")
         check_choice("optimized_metric", self.optimized_metric, allowed)
         if self.trainer.select_max_bits is not None and self.quant is None:

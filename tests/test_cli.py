@@ -41,6 +41,9 @@ def test_train_help_and_cfg(tmp_path):
     ("trainer.epochs=many", ["trainer.epochs", "many"]),
     ("model.dropout=1.5", ["model.dropout", "1.5", "<= 1.0"]),
     ("runs=0", ["runs", ">= 1"]),
+    ("seed=-5", ["seed: -5", ">= 0"]),
+    ("seed=4294967295 runs=2", ["seed: 4294967295", "<= 4294967294"]),  # NumPy's 32-bit seeds
+    ("dataset.split_seed=-1", ["dataset.split_seed: -1", ">= 0"]),
     ("trainer.scheduler.name=linear", ["linear", "cosine", "plateau"]),
     ("+model.widht=3", ["model.widht", "hidden", "dropout"]),
     ("model.widht=3", ["model.widht", "hidden", "dropout"]),
