@@ -388,10 +388,13 @@ def test_the_official_emp_baseline_is_refused_with_the_choices():
         pack_model(model, task.graph.edge_index, task.graph.num_nodes)
 
 
-@pytest.mark.parametrize("propagation", ["smp", "appnp"])
-def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, tmp_path):
+@pytest.mark.parametrize("propagation, sparse", [("smp", False), ("appnp", False),
+                                                 ("smp", True)])
+def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, sparse, tmp_path,
+                                                                 monkeypatch):
     """The smoothness-aware paper's own model: QLR INT4 on the MLP and on every propagation
-    step's products, exported, saved, loaded and run."""
+    step's products, exported, saved, loaded and run; also with mostly-zero features, which
+    the model takes as sparse CSR (Coauthor CS/Physics) and the packed model dense."""
     from gnnq.config import DataRootConfig, DatasetConfig, ModelConfig
     from gnnq.data import load_task
     from gnnq.export import Capture, pack_model
@@ -408,6 +411,11 @@ def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, t
     model.prop.multiplier_init = 0.5  # a correction large enough to matter in every logit
     model.prop.multiplier_bound = 0.3  # ... clipped from the first update on
     g = task.graph
+    if sparse:
+        from gnnq.quant import base
+
+        monkeypatch.setattr(base, "SPARSE_MIN_ELEMENTS", 0)
+        g.x = g.x * (torch.rand(g.x.shape, generator=torch.Generator().manual_seed(0)) < 0.01)
     model.train()
     with torch.no_grad():
         model(g.x, g.edge_index)  # observed ranges from one training pass
@@ -419,6 +427,8 @@ def test_smp_model_packs_and_predicts_like_the_fake_quantized_one(propagation, t
         fake = model(g.x, g.edge_index)
     for h in handles:
         h.remove()
+    first_input = next(x for x, _ in capture.seen.values() if x.shape == g.x.shape)
+    assert (first_input.layout != torch.strided) == sparse
     packed, mismatches = pack_model(model, g.edge_index, g.num_nodes, capture)
     assert any(k.startswith("prop.base.2.") for k in mismatches), sorted(mismatches)
     assert not any(mismatches.values()), mismatches
