@@ -716,6 +716,21 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A finished run's ``bench_<device>.json`` (``--from-json``), or a clear error."""
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise GnnqError(f"{path} is not a readable JSON file ({err}); --from-json takes the "
+                        f"bench_<device>.json that gnnq bench wrote.") from None
+    missing = [k for k in ("config", "machine", "graphs")
+               if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise GnnqError(f"{path} is not a gnnq bench result: it lacks {', '.join(missing)}. "
+                        f"--from-json takes the bench_<device>.json that gnnq bench wrote.")
+    return results
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     cfg, info = results["config"], results["machine"]
     lines = [f"# gnnq bench: packed aggregation and GCN inference ({device_slug(info)})", "",
@@ -843,7 +858,7 @@ def main(argv: list[str]) -> int:
         if len(argv) < 2 or not Path(argv[1]).is_file():
             raise GnnqError("gnnq bench --from-json needs the path of a bench_<device>.json "
                             "written by gnnq bench.")
-        results = json.loads(Path(argv[1]).read_text())
+        results = read_results(Path(argv[1]))
         cfg = compose_config([f"bench={results['config'].get('name', 'cpu')}", *argv[2:]])
         cfg.command = results["config"].get("command", cfg.command)
     else:

@@ -264,6 +264,14 @@ def test_bench_keeps_finished_graphs_when_a_later_one_fails(tmp_path):
     assert code == 0 and "synthetic_small" in (tmp_path / "bench_cpu.md").read_text(), stderr
 
 
+@pytest.mark.parametrize("content, fragment", [("{truncated", "not a readable JSON file"),
+                                               ('{"graphs": []}', "lacks config, machine")])
+def test_bench_from_json_refuses_what_bench_did_not_write(tmp_path, content, fragment):
+    (tmp_path / "bench_cpu.json").write_text(content)
+    code, _, stderr = in_process("bench", "--from-json", str(tmp_path / "bench_cpu.json"))
+    assert code == 2 and fragment in stderr and "Traceback" not in stderr, stderr
+
+
 def test_profile_script_profiles_every_gcn_method(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_packed_gcn.py"),
                            "synthetic_small", "16", "--device", "cpu", "--calls", "1",
