@@ -54,10 +54,10 @@ from gnnq.kernels.model import (PackedGCNLayer, PackedGraph, PackedLinear, Packe
                                 PackedSMPProp)
 from gnnq.kernels.packing import MAX_BITS, pack
 from gnnq.quant.base import Quantizer
+from gnnq.tracking.mlflow_tracker import RUN_ID
 
 log = logging.getLogger(__name__)
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 GridAdapter = Callable[[nn.Module, Optional[Tensor]], Grid]
 GRID_ADAPTERS: dict[type, GridAdapter] = {}
 PACKERS: dict[type, Callable[..., tuple["PackedModel", dict[str, int]]]] = {}

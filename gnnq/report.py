@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from gnnq.errors import GnnqError
-from gnnq.tracking.mlflow_tracker import open_client
+from gnnq.tracking.mlflow_tracker import PARENT_RUN_FILE, RUN_ID, open_client
 
 RULES = ("test", "best_test", "val")
 # What names a job's precision, first match wins (A²Q's KB target overrides its bit budget).
@@ -156,12 +156,19 @@ def search(uri: str, experiments: list[str], parent: Optional[str], tags: list[s
                         f"{uri}. Experiments there: {', '.join(sorted(found)) or 'none'}.")
     clauses = ["attributes.status = 'FINISHED'"]
     if parent:
+        if not RUN_ID.match(parent):
+            raise GnnqError(f"Invalid --parent {parent!r}: an MLflow run id is 32 hex digits (a "
+                            f"sweep's is in its folder's {PARENT_RUN_FILE} and in the UI).")
         clauses.append(f"tags.mlflow.parentRunId = '{parent}'")
     for tag in tags:
         if "=" not in tag:
             raise GnnqError(f"Invalid --tag {tag!r}: write it as KEY=VALUE (e.g. dataset=cora).")
         key, value = tag.split("=", 1)
-        clauses.append(f"tags.`{key}` = '{value}'")
+        quote = next((q for q in ("'", '"') if q not in value), None)
+        if "`" in key or quote is None:
+            raise GnnqError(f"Invalid --tag {tag!r}: MLflow's filter syntax takes no backtick in "
+                            f"the key and a value with single or double quotes, not both.")
+        clauses.append(f"tags.`{key}` = {quote}{value}{quote}")
     runs, token = [], None
     while True:
         page = client.search_runs([found[n] for n in names], " and ".join(clauses),

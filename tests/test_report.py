@@ -92,6 +92,22 @@ def test_report_bad_input(store):
                        "'nope'", "cmp")
     assert_clean_error(run_gnnq("report", "--uri", uri, "--tag", "dataset=pubmed",
                                 cwd=tmp_path), "No finished gnnq runs")
+    assert_clean_error(run_gnnq("report", "--uri", uri, "--parent", "x' or '1'='1",
+                                cwd=tmp_path), "Invalid --parent", "32 hex digits")
+
+
+def test_report_tag_values_may_hold_quotes(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+    _job(client, exp, "o'hare", "gcn", "fp32", {}, {"test_acc": 80.0, "test_acc_std": 0.0,
+                                                   "runs_completed": 1})
+    proc = run_gnnq("report", "--uri", uri, "--tag", "dataset=o'hare", "--out",
+                    str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| o'hare | gcn |" in (tmp_path / "r.md").read_text()
+    assert_clean_error(run_gnnq("report", "--uri", uri, "--tag", "dataset=o'h\"are",
+                                cwd=tmp_path), "Invalid --tag", "not both")
 
 
 def test_report_on_a_missing_or_damaged_store(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 PARAM_VALUE_LIMIT = 6000
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
 
 T = TypeVar("T")
 
