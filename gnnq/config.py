@@ -363,6 +363,11 @@ GROUP_NOUNS = {"quant": "quantizer", "strategy": "training strategy",
                "tracking": "tracking backend", "experiment": "experiment preset"}
 
 
+def group_choices(conf_dir: Path, group: str) -> list[str]:
+    """The choices of a config group: its YAML files' names, sorted."""
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
     """``group=choice`` (also ``+group=``, and each item of a sweep list ``a,b``) must name a
     file of the group. Hydra refuses the others too, but wraps the list of choices in its
@@ -374,8 +379,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
             continue  # deletions, options, Hydra's own groups, sweep functions, interpolations
         for choice in (c.strip().strip("'\"") for c in value.split(",")):
             if choice and choice != "null" and not (conf_dir / group / f"{choice}.yaml").is_file():
-                available = (p.stem for p in (conf_dir / group).glob("*.yaml"))
-                raise choice_error(GROUP_NOUNS.get(group, group), choice, available)
+                raise choice_error(GROUP_NOUNS.get(group, group), choice,
+                                   group_choices(conf_dir, group))
 
 
 def _yaml_keys(path: Path, section: Optional[str] = None) -> set[str]:
@@ -414,7 +419,7 @@ def _check_group_option(group: str, option: str, overrides: list[str], conf_dir:
     if not candidates and group in defaults:
         candidates = {defaults[group]}
     if not candidates and not allowed:
-        choices = "|".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+        choices = "|".join(group_choices(conf_dir, group))
         raise GnnqError(f"Config option '{group}.{option}' belongs to a "
                         f"{GROUP_NOUNS.get(group, group)}, and none is selected. Select one "
                         f"first: gnnq train {plus}{group}=<{choices}> {group}.{option}=<value>.")
@@ -424,7 +429,8 @@ def _check_group_option(group: str, option: str, overrides: list[str], conf_dir:
     keys = [_yaml_keys(p) for p in paths]
     if any(option in k for k in keys) or option in allowed:
         return
-    owners = sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if option in _yaml_keys(p))
+    owners = [c for c in group_choices(conf_dir, group)
+              if option in _yaml_keys(conf_dir / group / f"{c}.yaml")]
     owned = (f"it is an option of {', '.join(f'{group}={o}' for o in owners)}"
              if owners else f"no {GROUP_NOUNS.get(group, group)} has it")
     selected = " or ".join(f"{group}={p.stem}" for p in paths)

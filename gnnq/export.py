@@ -54,7 +54,7 @@ from gnnq.kernels.model import (PackedGCNLayer, PackedGraph, PackedLinear, Packe
                                 PackedSMPProp)
 from gnnq.kernels.packing import MAX_BITS, pack
 from gnnq.quant.base import Quantizer
-from gnnq.tracking.mlflow_tracker import RUN_ID
+from gnnq.tracking.mlflow_tracker import RUN_ID, open_client
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,6 @@ def resolve_checkpoint(source: str, run: Optional[int], tracking_uri: Optional[s
         return _pick_run(folder, run, source), {"checkpoint": str(folder.resolve())}
     if RUN_ID.match(source):
         uri = tracking_uri or "sqlite:///mlflow.db"
-        from gnnq.tracking.mlflow_tracker import open_client
-
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         client = open_client(uri, 10.0, must_exist=True)
         try:
