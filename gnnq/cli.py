@@ -96,6 +96,47 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _resume(args: list[str]) -> int:
+    """``gnnq resume FOLDER [overrides]``: the job's own ``gnnq train`` command again, into its
+    folder, with ``resume=true``; later overrides (e.g. ``tracking=none``) are added."""
+    if args and args[0] in ("-h", "--help"):
+        print(RESUME_USAGE)
+        return 0
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        raise GnnqError(f"gnnq resume takes the output folder of a gnnq train job first (the "
+                        f"folder its last line names: 'outputs in ...'), then any overrides; "
+                        f"got {' '.join(args) or 'nothing'}. See gnnq resume --help.")
+    folder, extra = Path(args[0]).expanduser().absolute(), args[1:]
+    overrides = folder / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        raise GnnqError(f"{folder} is not the output folder of a gnnq train job: it has no "
+                        f".hydra/overrides.yaml. Give the folder gnnq train printed ('outputs in "
+                        f"...'); to resume a whole sweep, run its gnnq train -m command again "
+                        f"with resume=true hydra.sweep.dir=<the sweep's folder>.")
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(overrides))
+    except Exception:  # noqa: BLE001 - YAML and OmegaConf errors of several types
+        saved = None
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise GnnqError(f"{overrides} is damaged: it should be the YAML list of the job's "
+                        f"overrides that Hydra writes. Resume with gnnq train <the job's "
+                        f"overrides> hydra.run.dir={folder} resume=true.")
+    replaced = ("hydra.run.dir", "resume")
+    kept = [o for o in saved if o.lstrip("+~").split("=", 1)[0] not in replaced]
+    return _train([*kept, *extra, f"hydra.run.dir={folder}", "resume=true"])
+
+
+RESUME_USAGE = """usage: gnnq resume FOLDER [overrides]
+
+Continue a gnnq train job that was stopped (killed, preempted, out of time) in its output
+FOLDER, with the overrides it was started with: runs that finished are kept, an interrupted
+run continues from its last snapshot (every trainer.snapshot_minutes, default 5) exactly as if
+it had never stopped, and the runs not started yet train. Overrides after FOLDER are added,
+e.g. tracking=none; any that change what a run computes are refused."""
+
+
 def check_folder_can_be_made(folder: str, setting: str) -> None:
     """Fail before the work, not after it, when the output ``folder`` (its part before any
     ``${...}``) cannot be made; ``setting`` is the option that moves it (``out=``)."""
@@ -156,6 +197,8 @@ def _bench(args: list[str]) -> int:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train and evaluate a configuration; Hydra overrides follow "
               "(gnnq train --help lists the config groups)", _train),
+    "resume": ("continue a stopped gnnq train job in its output folder, from its last "
+               "snapshot (gnnq resume --help)", _resume),
     "report": ("Markdown table + PNG plot of finished runs from an MLflow store, grouped by "
                "dataset/model/method/bits (gnnq report --help)", _report),
     "log": ("send finished jobs' output folders to an MLflow store (after a tracking outage, "
@@ -178,6 +221,7 @@ examples:
   gnnq train -m dataset=cora,citeseer model=gcn,gat runs=10
   gnnq train +experiment=fp32_gat_cora
   gnnq train --cfg job dataset=citeseer
+  gnnq resume outputs/train/runs/<time>_cora_gcn
   gnnq report --experiment gnnq --out results/my_comparison
   gnnq log outputs/train/runs/<time>_cora_gcn --uri http://mlflow.example:5000
   gnnq export outputs/a2q_gcn_cora/runs/<time>_cora_gcn/checkpoints/run0.pt

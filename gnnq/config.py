@@ -208,8 +208,11 @@ class TrainerConfig:
     # "auto": a progress bar on a terminal, quiet log lines otherwise.
     progress: str = "auto"
     device: str = "cpu"
-    # Where checkpoints and summaries go; relative paths are inside the Hydra output dir.
+    # Keep each finished run's selected weights (checkpoints/run<r>.pt).
     checkpoint: bool = True
+    # Save an unfinished run's whole training state at most this often (minutes), so that
+    # resume=true continues it after a kill (checkpoints/run<r>.snapshot.pt). null: never.
+    snapshot_minutes: Optional[float] = 5.0
 
     def __post_init__(self) -> None:
         check_range("trainer.epochs", self.epochs, 1)
@@ -221,6 +224,8 @@ class TrainerConfig:
         if self.select_max_bits is not None:
             check_range("trainer.select_max_bits", self.select_max_bits, 1)
         check_choice("trainer.val_ties", self.val_ties, VAL_TIES)
+        if self.snapshot_minutes is not None:
+            check_range("trainer.snapshot_minutes", self.snapshot_minutes, 0.0)
         check_choice("trainer.progress", self.progress, ("auto", "bar", "log", "none"))
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise choice_error("value for trainer.device:", self.device, ("cpu", "cuda", "cuda:N", "auto"))
@@ -260,6 +265,10 @@ class TrainConfig:
     # Index of the first repeat: `first_run=5 runs=5` runs repeats 5..9 (seeds seed+5.., folds
     # 5..9), so one set of repeats can be split over jobs or machines and pooled afterwards.
     first_run: int = 0
+    # Continue the job in the output folder (hydra.run.dir): runs with a checkpoint are taken
+    # as they are, an interrupted run continues from its snapshot (trainer.snapshot_minutes)
+    # exactly as if never stopped, the others train. Settings that change a run must match.
+    resume: bool = False
     # What `gnnq train` returns to a Hydra sweeper (validation, never test: no tuning on test).
     optimized_metric: str = "val_acc"
     tags: dict[str, str] = field(default_factory=dict)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from gnnq import __version__
-from gnnq.errors import GnnqError
+from gnnq.errors import GnnqError, load_failure
 from gnnq.kernels.grid import Grid, affine_grid, symmetric_grid
 from gnnq.kernels.model import (PackedGCNLayer, PackedGraph, PackedLinear, PackedModel,
                                 PackedSMPProp)
@@ -383,11 +383,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors of several types
-        # The first sentence only: PyTorch's next ones advise weights_only=False, which is
-        # not the user's to change.
-        reason = (str(err).splitlines() or [""])[0].split(". ")[0]
         raise GnnqError(f"{path}: not a readable gnnq checkpoint (a damaged file, or not one "
-                        f"gnnq train wrote; {type(err).__name__}: {reason}).") from None
+                        f"gnnq train wrote; {load_failure(err)}).") from None
     missing = [k for k in ("state_dict", "config", "task") if k not in checkpoint] \
         if isinstance(checkpoint, dict) else ["state_dict", "config", "task"]
     if missing:

@@ -46,10 +46,11 @@ def gnnq_command() -> list[str]:
 
 def launch(folder: Path, overrides: Sequence[str], runs: int = 10,
            first_run: int = 0) -> subprocess.Popen:
-    """Start one single-threaded job writing into ``folder``: runs ``first_run`` onwards."""
+    """Start one single-threaded job writing into ``folder``: runs ``first_run`` onwards,
+    continuing what a killed job left there (its finished runs, its last snapshot)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [*gnnq_command(), "train", *overrides, f"hydra.run.dir={folder}",
-           "trainer.progress=log", f"runs={runs}"]
+           "trainer.progress=log", f"runs={runs}", "resume=true"]
     if first_run:
         cmd.append(f"first_run={first_run}")
     print("+ gnnq", " ".join(cmd[1:]), flush=True)

@@ -3,7 +3,9 @@
 The flow is the architecture's chain, one call per arrow: validated config → task →
 quantizer factory → trainer (per run) → summary → tracker. Finished runs are never lost:
 each run's checkpoint is written as soon as it ends, and the summary (of the runs that
-finished) is written to the output folder before anything is sent to the tracker.
+finished) is written to the output folder before anything is sent to the tracker. With
+``resume=true`` a job continues in its folder: checkpointed runs are taken as they are, an
+interrupted run continues from its snapshot (:mod:`gnnq.train.snapshot`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,10 +23,11 @@ from omegaconf import OmegaConf
 from gnnq import __version__
 from gnnq.config import TrainConfig
 from gnnq.data import load_task
-from gnnq.errors import GnnqError
+from gnnq.errors import GnnqError, load_failure
 from gnnq.models import build_model
 from gnnq.quant import build_quantizers
 from gnnq.tracking.mlflow_tracker import Tracker, flatten, make_tracker
+from gnnq.train import snapshot
 from gnnq.train.metrics import mean_std
 from gnnq.train.trainer import RunResult, Trainer
 
@@ -68,16 +70,25 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
         tracker.log_metrics({f"run{run}.{_epoch_key(k, metric)}": v for k, v in scores.items()},
                             step=epoch)
 
-    trainer = Trainer(config, task, quantizers, on_epoch=on_epoch)
+    checkpoints = output_dir / "checkpoints"
+    trainer = Trainer(config, task, quantizers, on_epoch=on_epoch, snapshots=checkpoints)
     results: list[RunResult] = []
     started = time.time()
     status, error = "FINISHED", None
     try:
         for run in range(config.first_run, config.first_run + config.runs):
-            result = trainer.fit(run)
+            result = _finished_run(checkpoints, config, run) if config.resume else None
+            if result is not None:
+                for epoch, metrics in result.history:
+                    on_epoch(run, epoch, metrics)
+                log.info("run %d finished before (%s): taken as it is", run,
+                         checkpoints / f"run{run}.pt")
+            else:
+                result = trainer.fit(run)
+                if config.trainer.checkpoint:
+                    _save_checkpoint(output_dir, config, task, result)
+                snapshot.snapshot_path(checkpoints, run).unlink(missing_ok=True)
             results.append(result)
-            if config.trainer.checkpoint:
-                _save_checkpoint(output_dir, config, task, result)
             log.info("run %d (seed %d%s): val %.2f test %.2f best test %.2f at epoch %d, "
                      "avg bits %.2f", run, result.seed,
                      "" if result.fold is None else f", fold {result.fold}", result.val,
@@ -117,12 +128,30 @@ def start_tracking(tracker: Tracker, config: TrainConfig, run_name: str,
 def _save_checkpoint(output_dir: Path, config: TrainConfig, task, result: RunResult) -> None:
     folder = output_dir / "checkpoints"
     folder.mkdir(exist_ok=True)
-    meta = {k: v for k, v in asdict(result).items() if k != "state_dict"}
-    torch.save({"state_dict": result.state_dict, "result": meta,
+    torch.save({"state_dict": result.state_dict, "result": result.record(),
+                "history": result.history,
                 "config": OmegaConf.to_container(OmegaConf.structured(config)),
                 "task": {"name": task.name, "level": task.level, "num_features": task.num_features,
                          "num_classes": task.num_classes, "metric": task.metric}},
                folder / f"run{result.run}.pt")
+
+
+def _finished_run(folder: Path, config: TrainConfig, run: int) -> Optional[RunResult]:
+    """Run ``run`` as its checkpoint keeps it (None if it has none), made under the same
+    settings (else a clean error)."""
+    path = folder / f"run{run}.pt"
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        snapshot.check_same_training(snapshot.training_settings(saved["config"]), config, path)
+        return RunResult(**saved["result"], state_dict=saved["state_dict"],
+                         history=saved.get("history", []))
+    except GnnqError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors, missing keys
+        raise GnnqError(f"resume=true cannot read the finished run {path} (a damaged file; "
+                        f"{load_failure(err)}). Delete it to train run {run} again.") from None
 
 
 def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[RunResult],
@@ -130,7 +159,7 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
     metrics = summarise(results, metric) if results else {"runs_completed": 0.0}
     summary = {
         "metrics": metrics,
-        "runs": [{k: v for k, v in asdict(r).items() if k != "state_dict"} for r in results],
+        "runs": [r.record() for r in results],
         "runs_requested": config.runs,
         "dataset": task.name, "model": config.model.name,
         "method": (config.quant or {}).get("name", "fp32"),

@@ -16,8 +16,10 @@ import logging
 import math
 import random
 import sys
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from gnnq.models import build_model, divergence_hint
 from gnnq.models.smp_prop import multiplier_metrics
 from gnnq.quant.base import QuantizerFactory
 from gnnq.quant.cost import ModelCost, model_cost
+from gnnq.train import snapshot
 from gnnq.train.metrics import metric_sums, task_loss
 from gnnq.train.strategies import build_strategy
 
@@ -57,6 +60,26 @@ class RunResult:
     avg_bits: float
     compression_ratio: float
     state_dict: dict = field(repr=False, default_factory=dict)
+    # (epoch, metrics) of every epoch trained: replayed to the tracker when a job resumes.
+    history: list = field(repr=False, default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The run's numbers (summary.json's ``runs`` entry), without weights or history."""
+        return {k: v for k, v in asdict(self).items() if k not in ("state_dict", "history")}
+
+
+@dataclass
+class Selection:
+    """The epochs the two rules have chosen so far: the best validation score's (``val``,
+    with its ``train`` score for ties, its ``state``) and the best test score's."""
+
+    val: Optional[float] = None
+    train: Optional[float] = None
+    epoch: int = 0
+    state: dict = field(default_factory=dict)
+    test: Optional[float] = None
+    test_epoch: int = 0
+    fewest_bits: float = math.inf  # over all epochs, for the bit limit's error message
 
 
 def seed_everything(seed: int) -> None:
@@ -77,11 +100,13 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, config: TrainConfig, task: Task,
                  quantizers: Optional[QuantizerFactory] = None,
-                 on_epoch: Optional[EpochCallback] = None) -> None:
+                 on_epoch: Optional[EpochCallback] = None,
+                 snapshots: Optional[Path] = None) -> None:
         self.config = config
         self.task = task
         self.quantizers = quantizers
         self.on_epoch = on_epoch
+        self.snapshots = snapshots  # the folder of unfinished runs' snapshots (None: none)
         self.progress = self._progress_mode()
         self.device = resolve_device(config.trainer.device)
         self.scale = 100.0 if task.metric == "acc" else 1.0  # accuracies are reported in %
@@ -96,16 +121,17 @@ class Trainer:
         strategy = build_strategy(cfg.strategy)
         optimizer = torch.optim.Adam(strategy.param_groups(model, cfg.trainer), lr=cfg.trainer.lr)
         scheduler = self._scheduler(optimizer)
-        step, evaluate = self._loops(model, split, seed)
+        shuffle = torch.Generator().manual_seed(seed)  # the mini-batch order
+        step, evaluate = self._loops(model, split, shuffle)
+        training = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+        chosen, history = Selection(), []
+        start = self._resume(run, training, chosen, history, shuffle)
 
         better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
         max_bits = cfg.trainer.select_max_bits
-        best_val = best_train = best_test = None
-        best_epoch = best_test_epoch = 0
-        best_state: dict = {}
-        fewest_bits = math.inf
-        epochs = self._epoch_iter(run)
-        epoch = 0
+        epochs = self._epoch_iter(run, start)
+        epoch = start - 1
+        last_snapshot = time.monotonic()
         for epoch in epochs:
             loss = step(optimizer, strategy)
             diagnostics = multiplier_metrics(model)  # of the training pass, before evaluate()
@@ -117,13 +143,13 @@ class Trainer:
                     f"one are kept.")
             scores, costs = evaluate()
             bits = costs["val"].average_bits
-            fewest_bits = min(fewest_bits, bits)
+            chosen.fewest_bits = min(chosen.fewest_bits, bits)
             eligible = max_bits is None or bits <= max_bits
-            if eligible and self._improves(scores, best_val, best_train, better):
-                best_val, best_train, best_epoch = scores["val"], scores.get("train"), epoch
-                best_state = copy.deepcopy(model.state_dict())
-            if eligible and (best_test is None or better(scores["test"], best_test)):
-                best_test, best_test_epoch = scores["test"], epoch
+            if eligible and self._improves(scores, chosen, better):
+                chosen.val, chosen.train, chosen.epoch = scores["val"], scores.get("train"), epoch
+                chosen.state = copy.deepcopy(model.state_dict())
+            if eligible and (chosen.test is None or better(scores["test"], chosen.test)):
+                chosen.test, chosen.test_epoch = scores["test"], epoch
             if scheduler is not None:
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     scheduler.step(scores["val_loss"])
@@ -132,34 +158,72 @@ class Trainer:
             metrics = {"train_loss": loss, **scores, **diagnostics}
             if self.quantizers is not None:
                 metrics["avg_bits"] = bits
+            history.append((epoch, metrics))
             self._report(epochs, run, epoch, metrics)
             patience = cfg.trainer.early_stopping
             # Patience counts from the first epoch within the bit limit.
-            if patience is not None and best_val is not None and epoch - best_epoch >= patience:
+            if patience is not None and chosen.val is not None and epoch - chosen.epoch >= patience:
                 break
+            every = cfg.trainer.snapshot_minutes
+            if (self.snapshots is not None and every is not None
+                    and time.monotonic() - last_snapshot >= 60 * every):
+                self._save_snapshot(run, epoch, training, chosen, history, shuffle)
+                last_snapshot = time.monotonic()
 
-        if best_val is None:
+        if chosen.val is None:
             raise GnnqError(
                 f"No epoch of run {run} (seed {seed}) was within trainer.select_max_bits="
                 f"{max_bits:g}: the fewest average bits in {epoch} epochs were "
-                f"{fewest_bits:.2f}. Raise the limit, lower the method's bits (e.g. "
+                f"{chosen.fewest_bits:.2f}. Raise the limit, lower the method's bits (e.g. "
                 f"quant.bit_budget) or train longer (trainer.epochs); runs finished before "
                 f"this one are kept.")
-        model.load_state_dict(best_state)
+        model.load_state_dict(chosen.state)
         selected, costs = evaluate()
         return RunResult(
             run=run, seed=seed, fold=task.fold(run),
-            best_epoch=best_epoch, epochs=epoch, val=selected["val"], test=selected["test"],
-            best_test=best_test, best_test_epoch=best_test_epoch,
+            best_epoch=chosen.epoch, epochs=epoch, val=selected["val"], test=selected["test"],
+            best_test=chosen.test, best_test_epoch=chosen.test_epoch,
             avg_bits=costs["test"].average_bits,
-            compression_ratio=costs["test"].compression_ratio, state_dict=best_state)
+            compression_ratio=costs["test"].compression_ratio, state_dict=chosen.state,
+            history=history)
+
+    def _save_snapshot(self, run: int, epoch: int, training: dict[str, Any],
+                       chosen: Selection, history: list, shuffle: torch.Generator) -> None:
+        state = {name: target.state_dict() for name, target in training.items()
+                 if target is not None}
+        snapshot.save(snapshot.snapshot_path(self.snapshots, run),
+                      {"run": run, "epoch": epoch, "history": history, "selection": asdict(chosen),
+                       "rng": snapshot.rng_state(shuffle), **state}, self.config)
+
+    def _resume(self, run: int, training: dict[str, Any], chosen: Selection,
+                history: list, shuffle: torch.Generator) -> int:
+        """With ``resume=true`` and a snapshot of ``run``: restore it (and replay its epochs
+        to the tracker); the first epoch still to train."""
+        if not self.config.resume or self.snapshots is None:
+            return 1
+        path = snapshot.snapshot_path(self.snapshots, run)
+        saved = snapshot.load(path, self.config)
+        if saved is None:
+            return 1
+        for name, target in training.items():
+            if target is not None:
+                target.load_state_dict(saved[name])
+        for key, value in saved["selection"].items():
+            setattr(chosen, key, value)
+        snapshot.set_rng_state(saved["rng"], shuffle)
+        history.extend(saved["history"])
+        if self.on_epoch is not None:
+            for epoch, metrics in history:
+                self.on_epoch(run, epoch, metrics)
+        log.info("run %d resumes after epoch %d (%s)", run, saved["epoch"], path)
+        return saved["epoch"] + 1
 
     # -- loops ---------------------------------------------------------------------------
-    def _loops(self, model: nn.Module, split: Split, seed: int):
+    def _loops(self, model: nn.Module, split: Split, shuffle: torch.Generator):
         return (self._node_loops if self.task.level == "node" else self._graph_loops)(
-            model, split, seed)
+            model, split, shuffle)
 
-    def _node_loops(self, model: nn.Module, split: Split, seed: int):
+    def _node_loops(self, model: nn.Module, split: Split, shuffle: torch.Generator):
         data = self.task.graph.to(self.device)
         metric = self.task.metric
         masks = {name: getattr(split, name).to(self.device) for name in ("train", "val", "test")}
@@ -188,12 +252,11 @@ class Trainer:
 
         return step, evaluate
 
-    def _graph_loops(self, model: nn.Module, split: Split, seed: int):
+    def _graph_loops(self, model: nn.Module, split: Split, shuffle: torch.Generator):
         graphs, metric, bs = self.task.graphs, self.task.metric, self.config.trainer.batch_size
-        generator = torch.Generator().manual_seed(seed)
         subset = lambda idx: [graphs[i] for i in idx.tolist()]  # noqa: E731
         train_loader = DataLoader(subset(split.train), batch_size=bs, shuffle=True,
-                                  generator=generator)
+                                  generator=shuffle)
         scored = ["val", "test"]
         if self.config.trainer.val_ties == "train":  # ties need the training graphs' score
             scored.insert(0, "train")
@@ -240,14 +303,14 @@ class Trainer:
         return step, evaluate
 
     # -- helpers -------------------------------------------------------------------------
-    def _improves(self, scores: dict[str, float], best_val: Optional[float],
-                  best_train: Optional[float], better: Callable[[float, float], bool]) -> bool:
+    def _improves(self, scores: dict[str, float], chosen: Selection,
+                  better: Callable[[float, float], bool]) -> bool:
         """Whether this epoch replaces the selected one: a better validation score or, with
         ``trainer.val_ties=train``, an equal one and a better training score."""
-        if best_val is None or better(scores["val"], best_val):
+        if chosen.val is None or better(scores["val"], chosen.val):
             return True
-        return (self.config.trainer.val_ties == "train" and scores["val"] == best_val
-                and better(scores["train"], best_train))
+        return (self.config.trainer.val_ties == "train" and scores["val"] == chosen.val
+                and better(scores["train"], chosen.train))
 
     def _penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         """The quantization method's own loss term for the last forward pass (e.g. A²Q's
@@ -272,11 +335,12 @@ class Trainer:
             return "bar" if sys.stderr.isatty() else "log"
         return mode
 
-    def _epoch_iter(self, run: int):
-        epochs = range(1, self.config.trainer.epochs + 1)
+    def _epoch_iter(self, run: int, start: int):
+        epochs = range(start, self.config.trainer.epochs + 1)
         if self.progress == "bar":
             from tqdm.auto import tqdm
-            return tqdm(epochs, desc=f"run {run}", leave=False, dynamic_ncols=True)
+            return tqdm(epochs, desc=f"run {run}", leave=False, dynamic_ncols=True,
+                        initial=start - 1, total=self.config.trainer.epochs)
         return epochs
 
     def _report(self, epochs, run: int, epoch: int, metrics: dict[str, float]) -> None:
