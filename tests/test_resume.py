@@ -26,7 +26,7 @@ PRESETS = {"fp32_gin_reddit_binary": ("synthetic_graphs", *SMALL_GIN),
            "dq_int4_gin_reddit_binary": ("synthetic_graphs", *SMALL_GIN),
            "a2q_gcn_cora": ("synthetic",),
            "smooth_smp_cora_int2_btstar": ("synthetic", "model.steps=2")}
-EPOCHS = 6
+EPOCHS = 4
 
 
 class Killed(Exception):
@@ -64,13 +64,13 @@ def test_a_killed_job_resumes_to_the_same_result(preset, tmp_path, monkeypatch):
 
     folder = tmp_path / "killed"
     with monkeypatch.context() as patch:
-        _kill_at(patch, run=1, epoch=4)
+        _kill_at(patch, run=1, epoch=3)
         with pytest.raises(Killed):
             run_experiment(_config(preset, dataset, *small), folder)
     assert not (folder / "summary.json").exists()
     assert (folder / "checkpoints" / "run0.pt").exists()
     assert torch.load(snapshot.snapshot_path(folder / "checkpoints", 1),
-                      weights_only=True)["epoch"] == 3
+                      weights_only=True)["epoch"] == 2
 
     resumed = run_experiment(_config(preset, dataset, *small, "resume=true"), folder)
     assert resumed["runs"] == whole["runs"]

@@ -100,3 +100,36 @@ def available() -> bool:
     except GnnqError as err:
         log.warning("%s", err)
         return False
+
+
+# -- fused training ops ------------------------------------------------------------------------
+TRAINING_SOURCES = ("fake_quant_cpu.cpp",)
+# Lets GCC turn the clamps' branches into vector selects (traps are never enabled).
+TRAINING_CFLAGS = ["-fno-trapping-math"]
+#: Set to 0 to train with PyTorch's element-wise ops only (same results, slower).
+FUSED_ENV = "GNNQ_FUSED_OPS"
+_training: Optional[ModuleType] = None
+_training_failed = False
+
+
+def training_ops() -> Optional[ModuleType]:
+    """The fused fake-quantization ops of ``csrc/fake_quant_cpu.cpp`` (built on first use),
+    or None where they are switched off (``GNNQ_FUSED_OPS=0``) or cannot be built: callers
+    then use PyTorch's ops, which give the same results. A failed build is logged once."""
+    global _training, _training_failed
+    if os.environ.get(FUSED_ENV, "1") == "0":
+        return None
+    with _lock:
+        if _training is None and not _training_failed:
+            try:
+                if shutil.which(os.environ.get("CXX", "c++")) is None:
+                    raise GnnqError("no C++ compiler (c++ / g++ on PATH, or $CXX) was found")
+                _training = build_extension(
+                    "gnnq_train_cpu", TRAINING_SOURCES, (), "gnnq's fused training ops",
+                    bool(os.environ.get("GNNQ_KERNEL_VERBOSE")),
+                    extra_cflags=[*CFLAGS, *TRAINING_CFLAGS], extra_ldflags=LDFLAGS)
+            except GnnqError as err:
+                _training_failed = True
+                log.warning("Training with PyTorch's element-wise ops, which are slower: %s",
+                            err)
+        return _training

@@ -72,6 +72,7 @@ from torch import Tensor
 
 from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.errors import GnnqError
+from gnnq.kernels.cpu import training_ops
 from gnnq.quant.base import BitCost, GraphContext, LayerSpec, Quantizer
 
 FP32_BITS = 32
@@ -173,12 +174,27 @@ def tail_order_statistics(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
     rank = min(sample.numel(), k // SAMPLE_STRIDE + 4 * math.isqrt(k // SAMPLE_STRIDE) + 8)
     t_lo = sample.topk(rank, largest=False, sorted=False).values.max()
     t_hi = sample.topk(rank, largest=True, sorted=False).values.min()
-    # One selection for both tails (two would each read the whole tensor twice more), with
     # Python-float thresholds: comparing with a 0-d tensor takes twice as long on CPU.
-    below, above = float(t_lo), float(t_hi)
+    low, high = _tails(flat, float(t_lo), float(t_hi))
+    return (_beyond_threshold(flat, low, t_lo, k, largest=False),
+            _beyond_threshold(flat, high, t_hi, k, largest=True))
+
+
+def _tails(flat: Tensor, below: float, above: float) -> tuple[Tensor, Tensor]:
+    """The values of ``flat`` below ``below`` and those above ``above``."""
+    ops = _fused_ops(flat)
+    if ops is not None:
+        return tuple(ops.tails(flat, below, above))
+    # One selection for both tails (two would each read the whole tensor twice more).
     tails = flat[(flat < below) | (flat > above)]
-    return (_beyond_threshold(flat, tails[tails < below], t_lo, k, largest=False),
-            _beyond_threshold(flat, tails[tails > above], t_hi, k, largest=True))
+    return tails[tails < below], tails[tails > above]
+
+
+def _fused_ops(x: Tensor):
+    """The fused CPU ops where they apply to ``x`` (gnnq/kernels/cpu.py), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    return training_ops()
 
 
 def _beyond_threshold(flat: Tensor, beyond: Tensor, t: Tensor, k: int,
@@ -213,11 +229,15 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, levels: int, masked: bool,
                 kept: Optional[Tensor]) -> Tensor:
-        code = torch.div(x, scale).round_().add_(zero)  # in place: these tensors can be large
         ctx.masked = masked and x.requires_grad  # raw inputs need no gradient mask
-        if ctx.masked:
-            inside = (code >= 0) & (code <= levels)
-        out = code.clamp_(0, levels).sub_(zero).mul_(scale)
+        ops = _fused_ops(x)
+        if ops is not None:  # one pass instead of eight, the same float32 operations
+            out, inside = ops.fake_quantize(x, float(scale), float(zero), levels, ctx.masked)
+        else:
+            code = torch.div(x, scale).round_().add_(zero)  # in place: tensors can be large
+            if ctx.masked:
+                inside = (code >= 0) & (code <= levels)
+            out = code.clamp_(0, levels).sub_(zero).mul_(scale)
         if kept is not None:
             # Copying the few kept rows back is several times cheaper than a where() over all.
             out.index_copy_(0, kept, x.index_select(0, kept))

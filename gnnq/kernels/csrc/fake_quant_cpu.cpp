@@ -1,0 +1,99 @@
+// Fused CPU training ops for Degree-Quant's fake quantization (gnnq/quant/degree_quant.py).
+//
+// Each replaces a chain of PyTorch element-wise passes over an activation by one pass, with
+// the same float32 operations in the same order, so results are bit for bit those of the
+// PyTorch path (tests/test_degree_quant.py compares the two). Built on first use by
+// gnnq/kernels/cpu.py (load_training_ops) like the packed kernels; without a compiler the
+// PyTorch path runs instead.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t GRAIN = 1 << 15;
+// Adding and subtracting 1.5 * 2^23 rounds a float of magnitude <= 2^22 to the nearest
+// integer, ties to even (std::nearbyint's rounding, which GCC will not vectorize without
+// SSE4.1). Larger magnitudes are clamped first: they quantize to 0 or to the top level
+// either way, as the grids have at most 2^8 levels.
+constexpr float ROUND_MAGIC = 12582912.0f;
+constexpr float ROUND_LIMIT = 4194304.0f;
+
+inline float round_even(float v) {
+  v = std::max(std::min(v, ROUND_LIMIT), -ROUND_LIMIT);  // NaN stays NaN
+  return (v + ROUND_MAGIC) - ROUND_MAGIC;
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "a contiguous float32 CPU tensor is required");
+}
+
+// (clamp(round(x / scale) + zero, 0, levels) - zero) * scale, and whether each element lay
+// inside [0, levels] before the clamp (an undefined tensor unless want_inside).
+std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double zero,
+                                      int64_t levels, bool want_inside) {
+  check_input(x);
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float top = static_cast<float>(levels);
+  auto out = at::empty_like(x);
+  at::Tensor inside = want_inside ? at::empty(x.sizes(), x.options().dtype(at::kBool))
+                                  : at::Tensor();
+  const float* __restrict src = x.data_ptr<float>();
+  float* __restrict dst = out.data_ptr<float>();
+  bool* __restrict mask = want_inside ? inside.data_ptr<bool>() : nullptr;
+  at::parallel_for(0, x.numel(), GRAIN, [&](int64_t begin, int64_t end) {
+    if (mask == nullptr) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float code = round_even(src[i] / s) + z;
+        dst[i] = (std::min(std::max(code, 0.0f), top) - z) * s;  // NaN stays NaN
+      }
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      const float code = round_even(src[i] / s) + z;
+      mask[i] = (code >= 0.0f) & (code <= top);
+      dst[i] = (std::min(std::max(code, 0.0f), top) - z) * s;
+    }
+  });
+  return {out, inside};
+}
+
+// The values of x below `below` and those above `above` (two 1-D tensors, in order): a
+// block of values is scanned only if one of them lies beyond either threshold.
+std::vector<at::Tensor> tails(const at::Tensor& x, double below, double above) {
+  check_input(x);
+  const float lo = static_cast<float>(below), hi = static_cast<float>(above);
+  const float* src = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  constexpr int64_t BLOCK = 64;
+  std::vector<float> low, high;
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    const int64_t stop = std::min(n, start + BLOCK);
+    int hit = 0;
+    for (int64_t i = start; i < stop; ++i) hit |= (src[i] < lo) | (src[i] > hi);
+    if (!hit) continue;
+    for (int64_t i = start; i < stop; ++i) {
+      if (src[i] < lo) low.push_back(src[i]);
+      else if (src[i] > hi) high.push_back(src[i]);
+    }
+  }
+  auto as_tensor = [](const std::vector<float>& v) {
+    auto t = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
+    std::copy(v.begin(), v.end(), t.data_ptr<float>());
+    return t;
+  };
+  return {as_tensor(low), as_tensor(high)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fake_quantize", &fake_quantize, "fused fake quantization (and its inside mask)");
+  m.def("tails", &tails, "the values beyond two thresholds");
+}
