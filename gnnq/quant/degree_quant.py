@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -175,19 +175,24 @@ def tail_order_statistics(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
     t_lo = sample.topk(rank, largest=False, sorted=False).values.max()
     t_hi = sample.topk(rank, largest=True, sorted=False).values.min()
     # Python-float thresholds: comparing with a 0-d tensor takes twice as long on CPU.
-    low, high = _tails(flat, float(t_lo), float(t_hi))
-    return (_beyond_threshold(flat, low, t_lo, k, largest=False),
-            _beyond_threshold(flat, high, t_hi, k, largest=True))
+    low, high, at_lo, at_hi = _tails(flat, float(t_lo), float(t_hi))
+    return (_beyond_threshold(flat, low, t_lo, at_lo, k, largest=False),
+            _beyond_threshold(flat, high, t_hi, at_hi, k, largest=True))
 
 
-def _tails(flat: Tensor, below: float, above: float) -> tuple[Tensor, Tensor]:
-    """The values of ``flat`` below ``below`` and those above ``above``."""
+def _tails(flat: Tensor, below: float, above: float):
+    """The values of ``flat`` below ``below``, those above ``above``, and how many equal
+    each (as functions: the PyTorch path counts only when asked)."""
     ops = _fused_ops(flat)
     if ops is not None:
-        return tuple(ops.tails(flat, below, above))
+        low, high, ties = ops.tails(flat, below, above)
+        at_lo, at_hi = ties.tolist()
+        return low, high, lambda: at_lo, lambda: at_hi
     # One selection for both tails (two would each read the whole tensor twice more).
     tails = flat[(flat < below) | (flat > above)]
-    return tails[tails < below], tails[tails > above]
+    return (tails[tails < below], tails[tails > above],
+            lambda: int(torch.count_nonzero(flat == below)),
+            lambda: int(torch.count_nonzero(flat == above)))
 
 
 def _fused_ops(x: Tensor):
@@ -197,13 +202,13 @@ def _fused_ops(x: Tensor):
     return training_ops()
 
 
-def _beyond_threshold(flat: Tensor, beyond: Tensor, t: Tensor, k: int,
-                      largest: bool) -> Tensor:
+def _beyond_threshold(flat: Tensor, beyond: Tensor, t: Tensor, at_t: Callable[[], int],
+                      k: int, largest: bool) -> Tensor:
     """The ``k``-th value of ``flat`` from the end ``largest`` names, given the values
-    ``beyond`` the threshold ``t`` on that side."""
+    ``beyond`` the threshold ``t`` on that side and the count of those equal to it."""
     if beyond.numel() >= k:
         return _kth(beyond, k, largest)
-    if k <= beyond.numel() + int(torch.count_nonzero(flat == float(t))):
+    if k <= beyond.numel() + at_t():
         return t
     return _kth(flat, k, largest)
 

@@ -64,19 +64,27 @@ std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double 
   return {out, inside};
 }
 
-// The values of x below `below` and those above `above` (two 1-D tensors, in order): a
-// block of values is scanned only if one of them lies beyond either threshold.
+// The values of x below `below` and those above `above` (two 1-D tensors, in order), and
+// how many equal each threshold (a 2-element int64 tensor): a block of values is scanned
+// one by one only if one of them lies beyond either threshold.
 std::vector<at::Tensor> tails(const at::Tensor& x, double below, double above) {
   check_input(x);
   const float lo = static_cast<float>(below), hi = static_cast<float>(above);
-  const float* src = x.data_ptr<float>();
+  const float* __restrict src = x.data_ptr<float>();
   const int64_t n = x.numel();
   constexpr int64_t BLOCK = 64;
   std::vector<float> low, high;
+  int64_t at_lo = 0, at_hi = 0;
   for (int64_t start = 0; start < n; start += BLOCK) {
     const int64_t stop = std::min(n, start + BLOCK);
-    int hit = 0;
-    for (int64_t i = start; i < stop; ++i) hit |= (src[i] < lo) | (src[i] > hi);
+    int hit = 0, eq_lo = 0, eq_hi = 0;
+    for (int64_t i = start; i < stop; ++i) {
+      hit |= (src[i] < lo) | (src[i] > hi);
+      eq_lo += src[i] == lo;
+      eq_hi += src[i] == hi;
+    }
+    at_lo += eq_lo;
+    at_hi += eq_hi;
     if (!hit) continue;
     for (int64_t i = start; i < stop; ++i) {
       if (src[i] < lo) low.push_back(src[i]);
@@ -88,7 +96,10 @@ std::vector<at::Tensor> tails(const at::Tensor& x, double below, double above) {
     std::copy(v.begin(), v.end(), t.data_ptr<float>());
     return t;
   };
-  return {as_tensor(low), as_tensor(high)};
+  auto ties = at::empty({2}, at::kLong);
+  ties[0] = at_lo;
+  ties[1] = at_hi;
+  return {as_tensor(low), as_tensor(high), ties};
 }
 
 }  // namespace
