@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline data mirror and a runner for the real `gnnq` command."""
+"""Shared fixtures: the offline data mirror, a runner for the real `gnnq` command, and the
+fused-versus-PyTorch comparison of the training ops."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -52,3 +54,34 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     assert "Traceback" not in output, output
     for fragment in fragments:
         assert fragment in output, f"{fragment!r} not in:\n{output}"
+
+
+def fused_and_plain(monkeypatch, compute):
+    """``compute()`` with the fused CPU training ops and with PyTorch's element-wise ops
+    (gnnq/kernels/cpu.py); skipped where the fused ops cannot be built."""
+    from gnnq.kernels.cpu import FUSED_ENV, training_ops
+
+    if training_ops() is None:
+        pytest.skip("the fused training ops could not be built here (no C++ compiler)")
+    fused = compute()
+    monkeypatch.setenv(FUSED_ENV, "0")
+    return fused, compute()
+
+
+def adversarial_values() -> torch.Tensor:
+    """ReLU outputs (exact zeros), negatives, multiples of 0.5 (halfway between codes on unit
+    grids: ties round to even), values far outside any range, and non-finite ones."""
+    torch.manual_seed(3)
+    return torch.cat([torch.relu(torch.randn(200_000)), torch.randn(50_000) * 4,
+                      torch.arange(-600, 600) * 0.5, torch.tensor([1e30, -1e30, 5e6, -3e6, -0.0]),
+                      torch.tensor([float("inf"), -float("inf"), float("nan")])])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (payloads and signs of NaN differ
+    between instruction paths and carry nothing)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int32),
+                                                       b[~nan].view(torch.int32))

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch_geometric.data import Batch, Data
 
+from conftest import adversarial_values, fused_and_plain, same_bits
 from gnnq.cli import config_dir
 from gnnq.config import ModelConfig, validate
 from gnnq.data.task import Task
@@ -20,7 +21,6 @@ from gnnq.models import build_model
 from gnnq.quant import build_quantizers
 from gnnq.quant.base import BitCost, GraphContext, Quantizer, RoleQuantizers, share_graph
 from gnnq.quant.cost import average_bits, compression_ratio
-from gnnq.kernels.cpu import FUSED_ENV, training_ops
 from gnnq.quant.degree_quant import (ActivationQuantizer, WeightQuantizer, _FakeQuantize,
                                      fake_quantize, grid, percentile_range, protected_nodes,
                                      protection_probability, tail_order_statistics)
@@ -261,23 +261,9 @@ def test_straight_through_gradient_is_zero_only_where_clipped():
     assert torch.equal(x.grad, torch.ones(5))
 
 
-def _both_paths(monkeypatch, compute):
-    """``compute()`` with the fused CPU ops and with PyTorch's element-wise ops."""
-    if training_ops() is None:
-        pytest.skip("the fused ops could not be built here (no C++ compiler)")
-    fused = compute()
-    monkeypatch.setenv(FUSED_ENV, "0")
-    return fused, compute()
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_fused_ops_give_pytorchs_results_bit_for_bit(monkeypatch, bits):
-    torch.manual_seed(3)
-    # ReLU outputs (exact zeros), negatives, values halfway between levels (ties round to
-    # even), far outside the range, and non-finite ones.
-    x = torch.cat([torch.relu(torch.randn(200_000)), torch.randn(50_000) * 4,
-                   torch.arange(-40, 40) * 0.5, torch.tensor([1e30, -1e30, 5e6, -3e6, -0.0]),
-                   torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    x = adversarial_values()
 
     def compute():
         leaf = x.clone().reshape(-1, 1).requires_grad_()
@@ -285,19 +271,19 @@ def test_fused_ops_give_pytorchs_results_bit_for_bit(monkeypatch, bits):
         out = fake_quantize(leaf, lo, hi, bits, kept=torch.tensor([0, 7, 250_020]))
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         low, high = tail_order_statistics(leaf.detach()[:-3].reshape(-1), 301)
-        results = [lo, hi, out.detach().view(torch.int32), leaf.grad, low, high]
+        results = [lo, hi, out.detach(), leaf.grad, low, high]
         # Grids where x itself falls halfway between codes, and the degenerate ones.
         for scale, zero in ((1.0, 0.0), (0.5, 3.0), (torch.finfo().tiny, 0.0), (1.0, -0.0)):
             leaf = x.clone().requires_grad_()
             out = _FakeQuantize.apply(leaf, torch.tensor(scale), torch.tensor(zero),
                                       2 ** bits - 1, True, None)
             out.backward(torch.ones_like(out))
-            results += [out.detach().view(torch.int32), leaf.grad]
+            results += [out.detach(), leaf.grad]
         return results
 
-    fused, plain = _both_paths(monkeypatch, compute)
+    fused, plain = fused_and_plain(monkeypatch, compute)
     for a, b in zip(fused, plain):
-        assert torch.equal(a, b)
+        assert same_bits(a, b)
 
 
 def test_fused_ops_train_a_model_to_the_same_weights(monkeypatch):
@@ -314,7 +300,7 @@ def test_fused_ops_train_a_model_to_the_same_weights(monkeypatch):
             optimizer.step()
         return model.state_dict()
 
-    fused, plain = _both_paths(monkeypatch, compute)
+    fused, plain = fused_and_plain(monkeypatch, compute)
     assert all(torch.equal(fused[k], plain[k]) for k in plain)
 
 

@@ -14,6 +14,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn import APPNP
 from torch_geometric.utils import to_dense_adj, to_undirected
 
+from conftest import adversarial_values, fused_and_plain, same_bits
 from gnnq.config import ModelConfig, StrategyConfig, TrainerConfig
 from gnnq.data.task import Task
 from gnnq.errors import GnnqError
@@ -159,6 +160,54 @@ def test_skewness_matches_scipy():
     x = torch.distributions.Gamma(0.3, 1.0).sample((3000,))
     assert sample_skewness(x) == round(float(scipy.stats.skew(x.numpy())))
     assert sample_skewness(torch.ones(10)) == 0
+
+
+# -- fused CPU ops --------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, truncation", [(8, "none"), (4, "none"), (2, "none"),
+                                              (2, "bt"), (2, "btstar")])
+def test_fused_ops_give_pytorchs_results_bit_for_bit(monkeypatch, bits, truncation):
+    x = adversarial_values()
+
+    def compute():
+        results = []
+        # A range search's grid, unit grids (x itself halfway between codes) and a zero-wide one.
+        for low, high, alpha in ((-1.3, 2.9, 0.83), (0.0, 255.0, 1.0), (-7.0, 8.0, 1.0),
+                                 (0.0, 0.0, 1.0)):
+            q = QLRQuantizer(bits, truncation=truncation)
+            q.low.fill_(low), q.high.fill_(high), q.skew.fill_(3)
+            q.observed.fill_(True), q.initialized.fill_(True)
+            with torch.no_grad():
+                q.alpha.fill_(alpha)
+            # Training (observing the range: finite values only) and evaluation.
+            for training, values in ((True, x[:-3]), (False, x)):
+                q.train(training)
+                leaf = values.clone().requires_grad_()
+                out = q(leaf)
+                if training:
+                    out.backward(torch.linspace(-1, 1, out.numel()))
+                    results += [leaf.grad, q.alpha.grad]
+                results.append(out.detach())
+        return results
+
+    fused, plain = fused_and_plain(monkeypatch, compute)
+    for a, b in zip(fused, plain, strict=True):
+        assert same_bits(a, b)
+
+
+def test_fused_ops_train_smp_to_the_same_weights(monkeypatch):
+    def compute():
+        task = node_task(n=400)
+        quantizers = build_quantizers({"name": "smoothness", "bits": 2, "truncation": "btstar"})
+        model = build_model(ModelConfig(name="smp", hidden=16, steps=3), task, quantizers)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(task.graph.x, task.graph.edge_index).logsumexp(-1).sum().backward()
+            optimizer.step()
+        return model.state_dict()
+
+    fused, plain = fused_and_plain(monkeypatch, compute)
+    assert all(torch.equal(fused[k], plain[k]) for k in plain)
 
 
 # -- gradients -------------------------------------------------------------------------------

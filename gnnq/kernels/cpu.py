@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 from gnnq.errors import GnnqError
 
 log = logging.getLogger(__name__)
@@ -133,3 +135,12 @@ def training_ops() -> Optional[ModuleType]:
                 log.warning("Training with PyTorch's element-wise ops, which are slower: %s",
                             err)
         return _training
+
+
+def training_ops_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
+    """:func:`training_ops` where they apply to ``tensors`` (contiguous float32 on the CPU;
+    a bool mask may be among them), else None."""
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bool)
+           or not t.is_contiguous() for t in tensors):
+        return None
+    return training_ops()

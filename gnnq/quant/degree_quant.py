@@ -72,7 +72,7 @@ from torch import Tensor
 
 from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.errors import GnnqError
-from gnnq.kernels.cpu import training_ops
+from gnnq.kernels.cpu import training_ops_for
 from gnnq.quant.base import BitCost, GraphContext, LayerSpec, Quantizer
 
 FP32_BITS = 32
@@ -183,7 +183,7 @@ def tail_order_statistics(flat: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _tails(flat: Tensor, below: float, above: float):
     """The values of ``flat`` below ``below``, those above ``above``, and how many equal
     each (as functions: the PyTorch path counts only when asked)."""
-    ops = _fused_ops(flat)
+    ops = training_ops_for(flat)
     if ops is not None:
         low, high, ties = ops.tails(flat, below, above)
         at_lo, at_hi = ties.tolist()
@@ -194,12 +194,6 @@ def _tails(flat: Tensor, below: float, above: float):
             lambda: int(torch.count_nonzero(flat == below)),
             lambda: int(torch.count_nonzero(flat == above)))
 
-
-def _fused_ops(x: Tensor):
-    """The fused CPU ops where they apply to ``x`` (gnnq/kernels/cpu.py), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
-        return None
-    return training_ops()
 
 
 def _beyond_threshold(flat: Tensor, beyond: Tensor, t: Tensor, at_t: Callable[[], int],
@@ -235,7 +229,7 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, levels: int, masked: bool,
                 kept: Optional[Tensor]) -> Tensor:
         ctx.masked = masked and x.requires_grad  # raw inputs need no gradient mask
-        ops = _fused_ops(x)
+        ops = training_ops_for(x)
         if ops is not None:  # one pass instead of eight, the same float32 operations
             out, inside = ops.fake_quantize(x, float(scale), float(zero), levels, ctx.masked)
         else:

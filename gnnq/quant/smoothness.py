@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.errors import GnnqError
+from gnnq.kernels.cpu import training_ops_for
 from gnnq.quant.base import (BitCost, LayerSpec, Quantizer, csr_values, csr_with_values,
                              mostly_zeros)
 
@@ -168,6 +169,13 @@ def quantize_codes(x: Tensor, grid: Grid, truncation: str = "none", skew: int = 
 def fake_quantize(x: Tensor, grid: Grid, truncation: str = "none", skew: int = 0,
                   with_mask: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``(q - z) s`` on ``grid`` and the not-clipped mask (see :func:`quantize_codes`)."""
+    ops = training_ops_for(x)
+    if ops is not None:  # one pass instead of up to twelve, the same float32 operations
+        shift = skew if truncation == "btstar" else 0
+        out, inside = ops.qlr_fake_quantize(
+            x, float(grid.scale), float(grid.zero), float(grid.qmax), truncation != "none",
+            float(shift), float(BT_LEVELS), with_mask)
+        return out, inside if with_mask else None
     code, inside = quantize_codes(x, grid, truncation, skew, with_mask)
     return code.sub_(grid.zero).mul_(grid.scale), inside
 
@@ -238,10 +246,15 @@ class _QLRFunction(torch.autograd.Function):
             x, out, inside, alpha = ctx.saved_tensors
             if ctx.needs_input_grad[1] and not grid.degenerate:
                 # (x̂ - 1_inside x) / α, summed against the incoming gradient
-                d_alpha = torch.where(inside, out - x, out)
+                ops = training_ops_for(grad, x, out, inside)
+                if ops is not None:  # both element-wise terms in one pass; the sum as below
+                    d_alpha, grad_x = ops.qlr_backward_terms(
+                        grad, x, out, inside, ctx.needs_input_grad[0] and ctx.masked)
+                else:
+                    d_alpha = torch.where(inside, out - x, out)
                 grad_alpha = (torch.dot(grad.flatten(), d_alpha.flatten()) / alpha
                               ).reshape(alpha.shape)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_x is None:
             # The official form always masks (on the output); lsq masks clipped values
             # unless the STE is the identity.
             masked = ctx.masked or ctx.alpha_grad == "code"

@@ -1,4 +1,5 @@
-// Fused CPU training ops for Degree-Quant's fake quantization (gnnq/quant/degree_quant.py).
+// Fused CPU training ops for the fake quantization of Degree-Quant (gnnq/quant/degree_quant.py)
+// and QLR (gnnq/quant/smoothness.py).
 //
 // Each replaces a chain of PyTorch element-wise passes over an activation by one pass, with
 // the same float32 operations in the same order, so results are bit for bit those of the
@@ -64,6 +65,78 @@ std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double 
   return {out, inside};
 }
 
+// QLR's fake quantization over [begin, end), specialised so that GCC vectorizes each case.
+template <bool MASK, bool TRUNCATE>
+void qlr_range(const float* __restrict src, float* __restrict dst, bool* __restrict mask,
+               int64_t begin, int64_t end, float s, float z, float top, float shift,
+               float step) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float raw = round_even(src[i] / s + z);
+    float code = std::min(std::max(raw, 0.0f), top);  // NaN stays NaN
+    if (MASK) mask[i] = code == raw;
+    if (TRUNCATE) code = std::min(std::max(round_even((code + shift) / step) * step, 0.0f), top);
+    dst[i] = (code - z) * s;
+  }
+}
+
+// QLR's fake quantization (gnnq/quant/smoothness.py, fake_quantize): the code
+// round(x / scale + zero) clipped to [0, qmax], whether it was not clipped (an undefined
+// tensor unless want_inside), with truncate the code moved to the nearest multiple of
+// bt_levels after adding shift (BT/BT*), then (code - zero) * scale.
+std::vector<at::Tensor> qlr_fake_quantize(const at::Tensor& x, double scale, double zero,
+                                          double qmax, bool truncate, double shift,
+                                          double bt_levels, bool want_inside) {
+  check_input(x);
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float top = static_cast<float>(qmax), sh = static_cast<float>(shift);
+  const float step = static_cast<float>(bt_levels);
+  auto out = at::empty_like(x);
+  at::Tensor inside = want_inside ? at::empty(x.sizes(), x.options().dtype(at::kBool))
+                                  : at::Tensor();
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  bool* mask = want_inside ? inside.data_ptr<bool>() : nullptr;
+  const auto range = want_inside ? (truncate ? qlr_range<true, true> : qlr_range<true, false>)
+                                 : (truncate ? qlr_range<false, true> : qlr_range<false, false>);
+  at::parallel_for(0, x.numel(), GRAIN, [&](int64_t begin, int64_t end) {
+    range(src, dst, mask, begin, end, s, z, top, sh, step);
+  });
+  return {out, inside};
+}
+
+// The element-wise terms of QLR's LSQ-style backward: the range gradient's summands
+// inside ? out - x : out, and (with want_grad_x) the input gradient inside ? grad : 0. Both
+// sides are computed and one is selected, which GCC vectorizes (a branch it would not).
+std::vector<at::Tensor> qlr_backward_terms(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& out, const at::Tensor& inside,
+                                           bool want_grad_x) {
+  check_input(grad);
+  check_input(x);
+  check_input(out);
+  TORCH_CHECK(inside.scalar_type() == at::kBool && inside.is_contiguous(), "a bool mask");
+  auto d_alpha = at::empty_like(x);
+  at::Tensor grad_x = want_grad_x ? at::empty_like(grad) : at::Tensor();
+  const float* __restrict g = grad.data_ptr<float>();
+  const float* __restrict src = x.data_ptr<float>();
+  const float* __restrict q = out.data_ptr<float>();
+  const auto* __restrict in = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
+  float* __restrict da = d_alpha.data_ptr<float>();
+  float* __restrict gx = want_grad_x ? grad_x.data_ptr<float>() : nullptr;
+  at::parallel_for(0, x.numel(), GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float residual = q[i] - src[i];
+      da[i] = in[i] ? residual : q[i];
+    }
+    if (gx != nullptr) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float kept = g[i];
+        gx[i] = in[i] ? kept : 0.0f;
+      }
+    }
+  });
+  return {d_alpha, grad_x};
+}
+
 // The values of x below `below` and those above `above` (two 1-D tensors, in order), and
 // how many equal each threshold (a 2-element int64 tensor): a block of values is scanned
 // one by one only if one of them lies beyond either threshold.
@@ -106,5 +179,7 @@ std::vector<at::Tensor> tails(const at::Tensor& x, double below, double above) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize", &fake_quantize, "fused fake quantization (and its inside mask)");
-  m.def("tails", &tails, "the values beyond two thresholds");
+  m.def("tails", &tails, "the values beyond two thresholds, and the counts equal to them");
+  m.def("qlr_fake_quantize", &qlr_fake_quantize, "QLR's fused fake quantization");
+  m.def("qlr_backward_terms", &qlr_backward_terms, "QLR's element-wise backward terms");
 }
