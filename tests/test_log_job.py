@@ -75,6 +75,31 @@ def test_a_job_run_without_tracking_goes_to_its_configured_store(tmp_path, monke
     assert row in (tmp_path / "cmp.md").read_text()
 
 
+def test_a_resumed_job_replaces_the_run_logged_before_it_finished(tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/store.db"  # absolute: MLflow caches a store by its URI
+    log = ["log", "job", "--uri", uri]
+    job = ["train", *FAST, "tracking=none", f"hydra.run.dir={tmp_path}/job"]
+    assert run_gnnq(*job, cwd=tmp_path).returncode == 0
+    summary = tmp_path / "job" / "summary.json"
+    whole = json.loads(summary.read_text())
+    # As if stopped with Ctrl-C during run 1: one finished run, the summary says why.
+    (tmp_path / "job" / "checkpoints" / "run1.pt").unlink()
+    summary.write_text(json.dumps({**whole, "runs": whole["runs"][:1], "error": "Interrupted",
+                                   "metrics": {**whole["metrics"], "runs_completed": 1.0}}))
+    assert main(log) == 0
+    (partial,) = _runs(uri, "gnnq")
+    assert partial.info.status == "FAILED"
+    assert run_gnnq("resume", "job", cwd=tmp_path).returncode == 0
+    capsys.readouterr()
+    assert main(log) == 0
+    assert f"replaces run {partial.info.run_id}" in capsys.readouterr().out
+    (run,) = _runs(uri, "gnnq")  # the partial one is deleted
+    assert run.info.status == "FINISHED" and run.data.metrics["runs_completed"] == 2
+    assert main(log) == 0 and "already logged" in capsys.readouterr().out
+
+
 def test_folders_that_are_not_finished_jobs_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 

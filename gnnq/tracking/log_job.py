@@ -5,12 +5,16 @@ that was unreachable, or a job run with ``tracking=none``, loses nothing: this c
 the folder afterwards as the job would have (the same tags, the validated config as params,
 the final metrics, the summary, config and analysis files as artifacts; per-epoch curves
 exist only in a live run). Into another store it copies a job, e.g. to build one comparison
-from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice.
+from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice;
+one whose summary has changed since (a stopped job that was resumed and finished) is logged
+again, and its earlier run is deleted (MLflow keeps deleted runs restorable), so a report
+counts the job once, as it is now.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +28,8 @@ from gnnq.tracking.mlflow_tracker import MlflowTracker
 
 #: Tag naming the folder a logged job came from (absolute path).
 SOURCE_TAG = "gnnq.logged_from"
+#: Tag holding the SHA-256 of the summary.json a run was logged from.
+SUMMARY_TAG = "gnnq.summary_sha256"
 
 
 def read_job(folder: Path) -> tuple[dict, TrainConfig]:
@@ -46,18 +52,30 @@ def read_job(folder: Path) -> tuple[dict, TrainConfig]:
     return summary, validate(OmegaConf.load(config_path))
 
 
-def logged_run(tracker: MlflowTracker, folder: Path) -> Optional[str]:
-    """The id of a run of the tracker's experiment already logged from ``folder``."""
+def logged_run(tracker: MlflowTracker, folder: Path):
+    """The run of the tracker's experiment already logged from ``folder`` (None if none)."""
     runs = tracker.client.search_runs(
         [tracker.experiment_id()], f"tags.`{SOURCE_TAG}` = '{folder}'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
+
+
+def _is_current(run, digest: str, summary: dict) -> bool:
+    """Whether ``run`` was logged from the summary as it is now (runs logged before the
+    digest tag existed: the same number of finished runs and the same status)."""
+    logged = run.data.tags.get(SUMMARY_TAG)
+    if logged is not None:
+        return logged == digest
+    status = "FINISHED" if summary.get("error") is None else "FAILED"
+    return (run.info.status == status and run.data.metrics.get("runs_completed")
+            == summary["metrics"]["runs_completed"])
 
 
 def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] = None,
-            run_name: Optional[str] = None) -> tuple[str, bool]:
+            run_name: Optional[str] = None) -> tuple[str, Optional[str], bool]:
     """Log the finished job in ``folder`` (to the store, experiment and run name its config
-    names unless given). Returns ``(run id, logged now)``; ``logged now`` is False when the
-    experiment already held a run from this folder."""
+    names unless given). Returns ``(run id, replaced run id, logged now)``: ``logged now`` is
+    False when the experiment already held a run of the folder as it is; a run logged from
+    it before it changed is deleted and returned as the replaced one."""
     from gnnq.train.experiment import default_run_name, finish_tracking, start_tracking
 
     folder = Path(folder).resolve()
@@ -68,18 +86,22 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
                        run_name=run_name or config.tracking.run_name)
     config = replace(config, tracking=tracking)
     tracker = MlflowTracker(tracking)
+    digest = hashlib.sha256((folder / "summary.json").read_bytes()).hexdigest()
     existing = logged_run(tracker, folder)
-    if existing is not None:
-        return existing, False
+    if existing is not None and _is_current(existing, digest, summary):
+        return existing.info.run_id, None, False
     start_tracking(tracker, config, tracking.run_name or default_run_name(config),
-                   extra_tags={SOURCE_TAG: str(folder)})
+                   extra_tags={SOURCE_TAG: str(folder), SUMMARY_TAG: digest})
     analysis = sorted(p for p in (folder / "analysis").glob("*") if p.is_file())
     status = "FINISHED" if summary.get("error") is None else "FAILED"
     run_id = finish_tracking(tracker, folder, summary["metrics"], status, config, analysis)
     if run_id is None:
         raise GnnqError(f"Logging {folder} to {tracking.uri} failed (the reason is logged "
                         f"above); the folder is unchanged, so the command can be repeated.")
-    return run_id, True
+    if existing is not None:
+        tracker.client.delete_run(existing.info.run_id)
+        return run_id, existing.info.run_id, True
+    return run_id, None, True
 
 
 def main(args: list[str]) -> int:
@@ -95,7 +117,10 @@ def main(args: list[str]) -> int:
                         "else model-dataset-method)")
     options = parser.parse_args(args)
     for folder in options.folders:
-        run_id, logged = log_job(folder, options.uri, options.experiment, options.run_name)
-        print(f"gnnq: {folder} -> MLflow run {run_id}"
-              + ("" if logged else " (already logged there; nothing sent)"))
+        run_id, replaced, logged = log_job(folder, options.uri, options.experiment,
+                                           options.run_name)
+        note = ("" if logged and replaced is None
+                else f" (replaces run {replaced}, logged before the job changed; deleted)"
+                if logged else " (already logged there; nothing sent)")
+        print(f"gnnq: {folder} -> MLflow run {run_id}{note}")
     return 0
