@@ -21,11 +21,15 @@ def _runs(uri: str, experiment: str) -> list:
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
+def live_job_uri(work) -> str:
+    return f"sqlite:///{work}/live.db"
+
+
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory):
     """A job tracked live, and its output folder."""
     work = tmp_path_factory.mktemp("log_job")
-    uri = f"sqlite:///{work}/live.db"
+    uri = live_job_uri(work)
     proc = run_gnnq("train", *FAST, "+quant=a2q", f"tracking.uri={uri}",
                     "tracking.experiment=live", f"hydra.run.dir={work}/job", cwd=work)
     assert proc.returncode == 0, proc.stderr
@@ -50,8 +54,13 @@ def test_logged_job_matches_the_live_run_and_is_logged_once(live_job, capsys):
         return {k: v for k, v in params.items() if k not in TRACKING_PARAMS}
 
     assert untracked(run.data.params) == untracked(live.data.params)
-    final = {k: v for k, v in live.data.metrics.items() if "." not in k}  # not run<k>.*
-    assert run.data.metrics == final
+    assert run.data.metrics == live.data.metrics  # final values and each curve's last
+    client, live_client = MlflowClient(uri), MlflowClient(live_job_uri(work))
+    for key in ("run1.train_loss", "run0.val_acc", "run1.avg_bits"):
+        curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert curve == [(m.step, m.value)
+                         for m in live_client.get_metric_history(live.info.run_id, key)]
+        assert [step for step, _ in curve] == [1, 2, 3]
     summary = json.loads((work / "job" / "summary.json").read_text())
     assert run.data.metrics["test_acc"] == summary["metrics"]["test_acc"]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}

@@ -3,9 +3,9 @@
 A job writes its results to its output folder before it talks to the tracker, so a store
 that was unreachable, or a job run with ``tracking=none``, loses nothing: this command logs
 the folder afterwards as the job would have (the same tags, the validated config as params,
-the final metrics, the summary, config and analysis files as artifacts; per-epoch curves
-exist only in a live run). Into another store it copies a job, e.g. to build one comparison
-from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice;
+the final metrics, the summary, config and analysis files as artifacts, and each run's
+per-epoch curves from its checkpoint). Into another store it copies a job, e.g. to build one
+comparison from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice;
 one whose summary has changed since (a stopped job that was resumed and finished) is logged
 again, and its earlier run is deleted (MLflow keeps deleted runs restorable), so a report
 counts the job once, as it is now.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -23,8 +24,10 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from gnnq.config import TrainConfig, validate
-from gnnq.errors import GnnqError
+from gnnq.errors import GnnqError, load_failure
 from gnnq.tracking.mlflow_tracker import MlflowTracker
+
+log = logging.getLogger(__name__)
 
 #: Tag naming the folder a logged job came from (absolute path).
 SOURCE_TAG = "gnnq.logged_from"
@@ -92,6 +95,7 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
         return existing.info.run_id, None, False
     start_tracking(tracker, config, tracking.run_name or default_run_name(config),
                    extra_tags={SOURCE_TAG: str(folder), SUMMARY_TAG: digest})
+    _log_curves(tracker, folder / "checkpoints")
     analysis = sorted(p for p in (folder / "analysis").glob("*") if p.is_file())
     status = "FINISHED" if summary.get("error") is None else "FAILED"
     run_id = finish_tracking(tracker, folder, summary["metrics"], status, config, analysis)
@@ -102,6 +106,27 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
         tracker.client.delete_run(existing.info.run_id)
         return run_id, existing.info.run_id, True
     return run_id, None, True
+
+
+def _log_curves(tracker: MlflowTracker, checkpoints: Path) -> None:
+    """Every epoch's metrics of each run, as the live run logged them, from the checkpoints
+    that keep them (those written before gnnq kept histories have none; skipped)."""
+    import torch
+
+    from gnnq.train.experiment import epoch_metric_key
+
+    for path in sorted(checkpoints.glob("run*.pt")):
+        if path.name.endswith(".snapshot.pt"):
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            run, metric = saved["result"]["run"], saved["task"]["metric"]
+        except Exception as err:  # noqa: BLE001 - the curves are optional, the job is not
+            log.warning("No per-epoch curves from %s (%s)", path, load_failure(err))
+            continue
+        for epoch, metrics in saved.get("history", []):
+            tracker.log_metrics({epoch_metric_key(run, k, metric): v
+                                 for k, v in metrics.items()}, step=epoch)
 
 
 def main(args: list[str]) -> int:

@@ -67,7 +67,7 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
                    or default_run_name(config, job_overrides), parent_run_id)
 
     def on_epoch(run: int, epoch: int, scores: dict[str, float]) -> None:
-        tracker.log_metrics({f"run{run}.{_epoch_key(k, metric)}": v for k, v in scores.items()},
+        tracker.log_metrics({epoch_metric_key(run, k, metric): v for k, v in scores.items()},
                             step=epoch)
 
     checkpoints = output_dir / "checkpoints"
@@ -107,10 +107,10 @@ def run_experiment(config: TrainConfig, output_dir: Path, parent_run_id: Optiona
     return summary
 
 
-def _epoch_key(key: str, metric: str) -> str:
-    # Split scores are named after the task metric (val_acc, test_mae); losses and model
-    # diagnostics keep their names.
-    return f"{key}_{metric}" if key in ("train", "val", "test") else key
+def epoch_metric_key(run: int, key: str, metric: str) -> str:
+    """The tracker's name of an epoch's value: ``run<r>.`` and, for split scores, the task
+    metric (``run0.val_acc``, ``run3.test_mae``); losses and diagnostics keep their names."""
+    return f"run{run}." + (f"{key}_{metric}" if key in ("train", "val", "test") else key)
 
 
 def start_tracking(tracker: Tracker, config: TrainConfig, run_name: str,
