@@ -5,10 +5,10 @@ that was unreachable, or a job run with ``tracking=none``, loses nothing: this c
 the folder afterwards as the job would have (the same tags, the validated config as params,
 the final metrics, the summary, config and analysis files as artifacts, and each run's
 per-epoch curves from its checkpoint). Into another store it copies a job, e.g. to build one
-comparison from jobs that ran elsewhere. A folder already logged to the experiment is not logged twice;
-one whose summary has changed since (a stopped job that was resumed and finished) is logged
-again, and its earlier run is deleted (MLflow keeps deleted runs restorable), so a report
-counts the job once, as it is now.
+comparison from jobs that ran elsewhere. A folder already logged to the experiment is not
+logged twice; one whose summary has changed since (a stopped job that was resumed and
+finished) is logged again, and its earlier run is deleted (MLflow keeps deleted runs
+restorable), so a report counts the job once, as it is now.
 """
 
 from __future__ import annotations
