@@ -10,7 +10,9 @@ outputs/ is scratch (checkpoints, logs) and stays out of git, so each finished j
 (summary, config, analysis numbers) is also kept in results/jobs/ under the same relative path.
 A script restores those records into outputs/ before it starts (`restore_jobs`), so a fresh
 clone rebuilds every table, skips every finished job, and a long job set (10 GIN-REDDIT-BINARY
-folds per method) can be finished over several machines.
+folds per method) can be finished over several machines. Every job is launched with
+`resume=true`: one killed mid-run (a machine or session that ended) continues from the
+snapshot it left in its folder, to the same result it would have reached uninterrupted.
 """
 
 from __future__ import annotations
