@@ -74,6 +74,12 @@ def build_extension(prefix: str, sources: tuple[str, ...], headers: tuple[str, .
                         f"ninja and a C++17 compiler are required.") from err
 
 
+def check_compiler(what: str) -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise GnnqError(f"Building {what} needs a C++ compiler (c++ / g++ on PATH, or $CXX); "
+                        f"none was found. Install g++ (Debian/Ubuntu: apt-get install g++).")
+
+
 def load(verbose: bool = False) -> ModuleType:
     """The compiled CPU extension (built on the first call of the process if not cached)."""
     global _module
@@ -84,10 +90,7 @@ def load(verbose: bool = False) -> ModuleType:
         if missing:
             raise GnnqError(f"The CPU kernel sources {', '.join(missing)} are missing from "
                             f"{CSRC}. Reinstall gnnq (its package data includes csrc/).")
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise GnnqError("Building gnnq's CPU kernels needs a C++ compiler (c++ / g++ on "
-                            "PATH, or $CXX); none was found. Install g++ (Debian/Ubuntu: "
-                            "apt-get install g++).")
+        check_compiler("gnnq's CPU kernels")
         _module = build_extension("gnnq_packed_cpu", SOURCES, HEADERS, "gnnq's CPU kernels",
                                   verbose, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
         log.debug("gnnq CPU kernels loaded (instruction set %s)", _module.isa())
@@ -124,8 +127,7 @@ def training_ops() -> Optional[ModuleType]:
     with _lock:
         if _training is None and not _training_failed:
             try:
-                if shutil.which(os.environ.get("CXX", "c++")) is None:
-                    raise GnnqError("no C++ compiler (c++ / g++ on PATH, or $CXX) was found")
+                check_compiler("gnnq's fused training ops")
                 _training = build_extension(
                     "gnnq_train_cpu", TRAINING_SOURCES, (), "gnnq's fused training ops",
                     bool(os.environ.get("GNNQ_KERNEL_VERBOSE")),

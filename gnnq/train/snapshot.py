@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from gnnq.config import TrainConfig
 from gnnq.errors import GnnqError, load_failure
+from gnnq.tracking.mlflow_tracker import flatten
 
 FORMAT = 1
 # Settings that do not change what a run computes: a run may continue under other values.
@@ -33,32 +34,21 @@ def snapshot_path(folder: Path, run: int) -> Path:
     return folder / f"run{run}.snapshot.pt"
 
 
-def training_settings(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """The config (or its plain-dict form, as checkpoints keep it) as a flat ``{dotted key:
-    value}`` dict, less :data:`FREE_KEYS`."""
+def training_settings(config: TrainConfig | dict[str, Any]) -> dict[str, str]:
+    """The config (or its plain-dict form, as checkpoints keep it) as flat ``{dotted key:
+    value}`` strings (the tracker's params), less :data:`FREE_KEYS`."""
     if isinstance(config, TrainConfig):
         config = OmegaConf.to_container(OmegaConf.structured(config))
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if prefix.rstrip(".") in FREE_KEYS:
-            return
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix.rstrip(".")] = node
-
-    walk(config, "")
-    return flat
+    return {k: v for k, v in flatten(config).items()
+            if not any(k == free or k.startswith(f"{free}.") for free in FREE_KEYS)}
 
 
 def check_same_training(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     """A clean error when ``path`` was made under settings that change the run."""
-    current = training_settings(config)
+    saved, current = flatten(saved), training_settings(config)
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differing:
-        shown = ", ".join(f"{k}={saved.get(k)!r} there but {current.get(k)!r} now"
+        shown = ", ".join(f"{k}={saved.get(k)} there but {current.get(k)} now"
                           for k in differing[:5])
         more = f" (and {len(differing) - 5} more)" if len(differing) > 5 else ""
         raise GnnqError(
