@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from gnnq.kernels.model import (PackedGCNLayer, PackedGraph, PackedLinear, Packe
 from gnnq.kernels.packing import MAX_BITS, pack
 from gnnq.quant.base import Quantizer
 from gnnq.tracking.mlflow_tracker import RUN_ID, open_client
+from gnnq.train.snapshot import finished_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def resolve_checkpoint(source: str, run: Optional[int], tracking_uri: Optional[s
 
 
 def _pick_run(folder: Path, run: Optional[int], source: str) -> Path:
-    found = sorted(folder.glob("run*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    found = finished_checkpoints(folder)
     if not found:
         raise GnnqError(f"{source}: no checkpoints (run<r>.pt) in {folder}.")
     if run is None:

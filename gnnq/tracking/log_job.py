@@ -24,7 +24,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from gnnq.config import TrainConfig, validate
-from gnnq.errors import GnnqError, load_failure
+from gnnq.errors import GnnqError
 from gnnq.tracking.mlflow_tracker import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -111,19 +111,17 @@ def log_job(folder: Path, uri: Optional[str] = None, experiment: Optional[str] =
 def _log_curves(tracker: MlflowTracker, checkpoints: Path) -> None:
     """Every epoch's metrics of each run, as the live run logged them, from the checkpoints
     that keep them (those written before gnnq kept histories have none; skipped)."""
-    import torch
-
+    from gnnq.export import load_checkpoint
     from gnnq.train.experiment import epoch_metric_key
+    from gnnq.train.snapshot import finished_checkpoints
 
-    for path in sorted(checkpoints.glob("run*.pt")):
-        if path.name.endswith(".snapshot.pt"):
-            continue
+    for path in finished_checkpoints(checkpoints):
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            run, metric = saved["result"]["run"], saved["task"]["metric"]
-        except Exception as err:  # noqa: BLE001 - the curves are optional, the job is not
-            log.warning("No per-epoch curves from %s (%s)", path, load_failure(err))
+            saved = load_checkpoint(path)
+        except GnnqError as err:  # the curves are optional, the job is not
+            log.warning("No per-epoch curves: %s", err)
             continue
+        run, metric = saved["result"]["run"], saved["task"]["metric"]
         for epoch, metrics in saved.get("history", []):
             tracker.log_metrics({epoch_metric_key(run, k, metric): v
                                  for k, v in metrics.items()}, step=epoch)

@@ -34,6 +34,13 @@ def snapshot_path(folder: Path, run: int) -> Path:
     return folder / f"run{run}.snapshot.pt"
 
 
+def finished_checkpoints(folder: Path) -> list[Path]:
+    """The finished runs' checkpoints in ``folder`` (``run<r>.pt``, not the snapshots of
+    unfinished runs), by run index."""
+    found = [p for p in folder.glob("run*.pt") if p.stem[3:].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem[3:]))
+
+
 def training_settings(config: TrainConfig | dict[str, Any]) -> dict[str, str]:
     """The config (or its plain-dict form, as checkpoints keep it) as flat ``{dotted key:
     value}`` strings (the tracker's params), less :data:`FREE_KEYS`."""
