@@ -39,7 +39,7 @@ browser:
 	  echo "note: chromium could not be installed; the MLflow UI browser test will be skipped"
 
 test: install data browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
