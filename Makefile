@@ -18,7 +18,9 @@ $(BIN)/gnnq: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(BIN)/gnnq
 
+# The C++ kernels build now rather than inside the first job or test that needs them.
 install: $(BIN)/gnnq
+	$(BIN)/python -m gnnq.kernels
 
 data:
 	@if [ -d "$(SHARED_DATA)" ]; then \

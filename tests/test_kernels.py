@@ -293,6 +293,20 @@ def test_build_cache_location(monkeypatch, tmp_path):
     assert cpu.cache_dir() == Path("~/.cache/gnnq/kernels").expanduser()
 
 
+def test_prebuild_reports_ready_and_survives_a_missing_compiler(monkeypatch, tmp_path, capsys):
+    from gnnq.kernels import cpu
+    from gnnq.kernels.__main__ import main
+
+    if shutil.which(os.environ.get("CXX", "c++")):
+        main()  # the session's cache: built by `make install` or by the tests before
+        assert "packed CPU kernels ready, fused training ops ready" in capsys.readouterr().out
+    for name, value in (("_module", None), ("_training", None), ("_training_failed", False)):
+        monkeypatch.setattr(cpu, name, value)
+    monkeypatch.setenv("GNNQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))
+    main()
+    assert "packed CPU kernels not built, fused training ops not built" in capsys.readouterr().out
+
 def test_auto_backend_without_cuda_says_so(capsys, monkeypatch):
     from gnnq.kernels import backend as backend_module
 

@@ -9,8 +9,9 @@ module                      holds
                             what every quantizer exports
 :mod:`.reference`           the exact arithmetic in PyTorch, ground truth for every kernel
 :mod:`.cpu`                 the C++/OpenMP extension (``csrc/packed_cpu*.cpp``), built on
-                            first use into ``$GNNQ_CACHE/kernels`` (``~/.cache/gnnq/kernels``);
-                            also Degree-Quant's fused training ops (``fake_quant_cpu.cpp``)
+                            first use (or by ``python -m gnnq.kernels``) into
+                            ``$GNNQ_CACHE/kernels`` (``~/.cache/gnnq/kernels``); also the
+                            fused DQ and QLR training ops (``fake_quant_cpu.cpp``)
 :mod:`.cuda`                the CUDA kernels (``csrc/packed_cuda.cu``, plain CUDA C++), loaded
                             where CUDA is present; ``nvcc_compile`` for compile-only checks
 :mod:`.backend`             one interface over reference / cpu / cuda (``get_backend``)
