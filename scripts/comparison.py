@@ -143,6 +143,27 @@ def dq4_reddit() -> str:
             f"{_provisional(runs)}")
 
 
+def folds_table(row: str) -> str:
+    """Every kept record of the row, fold by fold: test at the best validation epoch / best
+    test, per method; "–" where a fold has not finished. Built from the job records, so it
+    says exactly what the row's means rest on while its cells are still running."""
+    runs = {m: {r["run"]: r for r in pooled_runs(folder(row, m))} for m in METHODS}
+    lines = [f"## {row}, fold by fold", "",
+             "test @ best val / best test, %. Each fold's record is in "
+             f"`results/jobs/comparison/{row}/<method>/`.", "",
+             "| fold | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for fold in range(10):
+        cells = [f"{r['test']:.2f} / {r['best_test']:.2f}" if (r := runs[m].get(fold)) else "–"
+                 for m in METHODS]
+        lines.append(f"| {fold} | " + " | ".join(cells) + " |")
+    lines.append("| folds kept | " + " | ".join(str(len(runs[m])) for m in METHODS) + " |")
+    lines.append("| test @ best val | "
+                 + " | ".join(fmt(list(runs[m].values()), "test") for m in METHODS) + " |")
+    lines.append("| avg bits | " + " | ".join(fmt(list(runs[m].values()), "avg_bits")
+                                            for m in METHODS) + " |")
+    return "\n".join(lines)
+
+
 def report() -> None:
     """`gnnq report` over the comparison's store (paths relative to the repository, so the
     command the report prints is the one to type), then the checks and the notes."""
@@ -152,7 +173,8 @@ def report() -> None:
                     "FP32, Degree-Quant, A²Q and smoothness-aware QLR under one protocol"],
                    cwd=ROOT, check=True)
     md = RESULTS / "comparison.md"
-    text = md.read_text() + "\n" + checks() + "\n"
+    text = (md.read_text() + "\n" + checks() + "\n\n"
+            + folds_table("gin_reddit_binary") + "\n")
     text += ("\nThe jobs behind this table: `python scripts/comparison.py` (it runs the missing "
              "ones, then the command above).\n")
     notes = RESULTS / "comparison_notes.md"

@@ -86,6 +86,25 @@ def test_unfinished_jobs_are_compared_on_the_runs_they_share():
     assert common.on_common_runs([], []) == [[], []]
 
 
+def test_the_fold_table_shows_every_kept_record_and_marks_the_missing_folds(tree, monkeypatch):
+    monkeypatch.setattr(comparison, "OUT", common.OUTPUTS / "comparison")
+    for method, part, folds in (("DQ-INT4", "run3", [3]), ("DQ-INT4", "run0", [0]),
+                                ("FP32", "shard0", [0, 1])):
+        path = comparison.folder("gin_reddit_binary", method) / part
+        path.mkdir(parents=True)
+        runs = [{"run": k, "test": 80.0 + k, "best_test": 90.0 + k, "avg_bits": 4.0}
+                for k in folds]
+        (path / "summary.json").write_text(json.dumps({"runs": runs, "seconds": 1.0}))
+    lines = comparison.folds_table("gin_reddit_binary").splitlines()
+    header = lines.index("| fold | FP32 | DQ-INT8 | DQ-INT4 | A²Q | QLR-INT4 | QLR-INT2-BT* |")
+    assert lines[header + 2] == "| 0 | 80.00 / 90.00 | – | 80.00 / 90.00 | – | – | – |"
+    assert lines[header + 3] == "| 1 | 81.00 / 91.00 | – | – | – | – | – |"
+    assert lines[header + 5] == "| 3 | – | – | 83.00 / 93.00 | – | – | – |"
+    assert lines[header + 12] == "| folds kept | 2 | 0 | 2 | 0 | 0 | 0 |"
+    assert lines[header + 13] == ("| test @ best val | 80.50 ± 0.71 | – | 81.50 ± 2.12 | – | – "
+                                  "| – |")
+
+
 def _script_jobs() -> list[list[str]]:
     """The overrides of every job the result scripts can launch, each list once."""
     lists = [overrides for _, overrides, _ in a2q.jobs(set(a2q.PARTS), skip_reddit=False)]
