@@ -147,20 +147,22 @@ def folds_table(row: str) -> str:
     """Every kept record of the row, fold by fold: test at the best validation epoch / best
     test, per method; "–" where a fold has not finished. Built from the job records, so it
     says exactly what the row's means rest on while its cells are still running."""
-    runs = {m: {r["run"]: r for r in pooled_runs(folder(row, m))} for m in METHODS}
+    runs = {m: pooled_runs(folder(row, m)) for m in METHODS}
+    by_fold = {m: {r["run"]: r for r in runs[m]} for m in METHODS}
+
+    def line(label, cells) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     lines = [f"## {row}, fold by fold", "",
              "test @ best val / best test, %. Each fold's record is in "
              f"`results/jobs/comparison/{row}/<method>/`.", "",
-             "| fold | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+             line("fold", METHODS), "|---|" + "---|" * len(METHODS)]
     for fold in range(10):
-        cells = [f"{r['test']:.2f} / {r['best_test']:.2f}" if (r := runs[m].get(fold)) else "–"
-                 for m in METHODS]
-        lines.append(f"| {fold} | " + " | ".join(cells) + " |")
-    lines.append("| folds kept | " + " | ".join(str(len(runs[m])) for m in METHODS) + " |")
-    lines.append("| test @ best val | "
-                 + " | ".join(fmt(list(runs[m].values()), "test") for m in METHODS) + " |")
-    lines.append("| avg bits | " + " | ".join(fmt(list(runs[m].values()), "avg_bits")
-                                            for m in METHODS) + " |")
+        lines.append(line(fold, (f"{r['test']:.2f} / {r['best_test']:.2f}"
+                                 if (r := by_fold[m].get(fold)) else "–" for m in METHODS)))
+    lines += [line("folds kept", (str(len(runs[m])) for m in METHODS)),
+              line("test @ best val", (fmt(runs[m], "test") for m in METHODS)),
+              line("avg bits", (fmt(runs[m], "avg_bits") for m in METHODS))]
     return "\n".join(lines)
 
 
