@@ -307,6 +307,22 @@ def test_prebuild_reports_ready_and_survives_a_missing_compiler(monkeypatch, tmp
     main()
     assert "packed CPU kernels not built, fused training ops not built" in capsys.readouterr().out
 
+
+def test_a_kernel_module_name_does_not_depend_on_what_the_process_built_before():
+    # PyTorch appends to the flag lists it is given; shared lists edited that way renamed the
+    # module built second, so the prebuilt fused training ops were rebuilt by every first job.
+    from gnnq.kernels import cpu
+
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("no C++ compiler")
+    packed, training = cpu.load(), cpu.training_ops()
+    assert packed.__name__ == cpu.module_name("gnnq_packed_cpu", (*cpu.SOURCES, *cpu.HEADERS),
+                                              cpu.PACKED_FLAGS)
+    assert training.__name__ == cpu.module_name("gnnq_train_cpu", cpu.TRAINING_SOURCES,
+                                                cpu.TRAINING_FLAGS)
+    assert cpu.LDFLAGS == ["-fopenmp"]
+
+
 def test_auto_backend_without_cuda_says_so(capsys, monkeypatch):
     from gnnq.kernels import backend as backend_module
 

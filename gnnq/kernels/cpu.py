@@ -30,6 +30,7 @@ SOURCES = ("packed_cpu.cpp", "packed_cpu_base.cpp", "packed_cpu_avx2.cpp")
 HEADERS = ("packed_bind.h", "packed_layout.h", "packed_cpu.h", "packed_cpu_kernels.h")
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
+PACKED_FLAGS = {"extra_cflags": CFLAGS, "extra_ldflags": LDFLAGS}
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -52,20 +53,27 @@ def source_hash(names: tuple[str, ...], flags: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()[:12]
 
 
+def module_name(prefix: str, files: tuple[str, ...], load_kwargs: dict) -> str:
+    """``<prefix>_<hash of the csrc/ files and the compiler flags>``."""
+    return f"{prefix}_{source_hash(files, tuple(str(v) for v in load_kwargs.values()))}"
+
+
 def build_extension(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...],
                     what: str, verbose: bool, **load_kwargs) -> ModuleType:
     """Build (or load the cached build of) ``sources`` as the module
     ``<prefix>_<source hash>`` under :func:`cache_dir`; ``what`` names it in errors."""
     from torch.utils import cpp_extension
 
-    flags = tuple(str(v) for v in load_kwargs.values())
-    name = f"{prefix}_{source_hash((*sources, *headers), flags)}"
+    name = module_name(prefix, (*sources, *headers), load_kwargs)
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
+    # Copies: PyTorch appends its own flags to the lists it is given, and a shared list
+    # edited that way would change the next module's name (a rebuild in every process).
+    flags = {key: list(value) for key, value in load_kwargs.items()}
     try:
         return cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources],
                                   extra_include_paths=[str(CSRC)], build_directory=str(build),
-                                  verbose=verbose, **load_kwargs)
+                                  verbose=verbose, **flags)
     except (RuntimeError, OSError, ImportError) as err:
         message = str(err).strip()
         raise GnnqError(f"Building {what} in {build} failed: "
@@ -92,7 +100,7 @@ def load(verbose: bool = False) -> ModuleType:
                             f"{CSRC}. Reinstall gnnq (its package data includes csrc/).")
         check_compiler("gnnq's CPU kernels")
         _module = build_extension("gnnq_packed_cpu", SOURCES, HEADERS, "gnnq's CPU kernels",
-                                  verbose, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
+                                  verbose, **PACKED_FLAGS)
         log.debug("gnnq CPU kernels loaded (instruction set %s)", _module.isa())
         return _module
 
@@ -110,7 +118,7 @@ def available() -> bool:
 # -- fused training ops ------------------------------------------------------------------------
 TRAINING_SOURCES = ("fake_quant_cpu.cpp",)
 # Lets GCC turn the clamps' branches into vector selects (traps are never enabled).
-TRAINING_CFLAGS = ["-fno-trapping-math"]
+TRAINING_FLAGS = {"extra_cflags": [*CFLAGS, "-fno-trapping-math"], "extra_ldflags": LDFLAGS}
 #: Set to 0 to train with PyTorch's element-wise ops only (same results, slower).
 FUSED_ENV = "GNNQ_FUSED_OPS"
 _training: Optional[ModuleType] = None
@@ -130,8 +138,7 @@ def training_ops() -> Optional[ModuleType]:
                 check_compiler("gnnq's fused training ops")
                 _training = build_extension(
                     "gnnq_train_cpu", TRAINING_SOURCES, (), "gnnq's fused training ops",
-                    bool(os.environ.get("GNNQ_KERNEL_VERBOSE")),
-                    extra_cflags=[*CFLAGS, *TRAINING_CFLAGS], extra_ldflags=LDFLAGS)
+                    bool(os.environ.get("GNNQ_KERNEL_VERBOSE")), **TRAINING_FLAGS)
             except GnnqError as err:
                 _training_failed = True
                 log.warning("Training with PyTorch's element-wise ops, which are slower: %s",
