@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, job_folders, machine, pooled, restore_jobs,
-                    run_all)
+                    run_all, summaries)
 from omegaconf import OmegaConf
 
 from gnnq.config import TrainerConfig
@@ -165,11 +165,14 @@ def cell(s: Optional[dict], key: str = "test") -> str:
     return fmt(s["runs"], key)
 
 
-def last_logged_multiplier(name: str) -> Optional[float]:
-    """The last per-epoch ``multiplier_min`` a job's log shows (its training pass), if any."""
-    log = OUT / name / "gnnq.log"
-    found = re.findall(r"multiplier_min (\S+)", log.read_text()) if log.exists() else []
-    return float(found[-1]) if found else None
+def multiplier_before_divergence(name: str) -> Optional[float]:
+    """The training pass's ``multiplier_min`` in the last epoch a diverged job finished (its
+    summary's ``diverged`` record), if any."""
+    for part in summaries(OUT / name):
+        last = (part.get("diverged") or {}).get("last_epoch_metrics") or {}
+        if "multiplier_min" in last:
+            return last["multiplier_min"]
+    return None
 
 
 def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:
@@ -330,15 +333,17 @@ def depth_table(results) -> tuple[str, list[str]]:
     for (suffix, model), by_k in results.items():
         if model != "SMP":
             continue
+        diverging = []
         for k, s in by_k.items():
             name = job(f"smooth_smp_cora_{suffix}", "smp", k)[0]
-            lam = last_logged_multiplier(name) if cell(s).startswith("diverged") else None
+            lam = multiplier_before_divergence(name) if cell(s).startswith("diverged") else None
             if lam is not None:
-                notes.append(
-                    f"{CORA[suffix][0]} SMP, K = {k} diverged with the training pass's "
-                    f"multiplier already at {lam:.2f} on its last log line before the divergence "
-                    f"(`multiplier_min`, outputs/smoothness/{name}/gnnq.log)")
-    if any(note.endswith("gnnq.log)") for note in notes):
+                diverging.append(f"{lam:.2f} (K = {k})")
+        if diverging:
+            notes.append(f"{CORA[suffix][0]} SMP diverged with the training pass's multiplier "
+                         f"already at {' and '.join(diverging)} in the last finished epoch "
+                         f"(`multiplier_min` in the `diverged` record of each job's summary)")
+    if any("diverged with" in note for note in notes):
         notes.append(
             "the multiplier's first update is η_λ·(c − g₁), g₁ the change energy of step 1, "
             "which grows with the square of the logits' scale; at depth the MLP learns larger "

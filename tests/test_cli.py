@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,11 @@ def test_nan_loss_is_reported_and_finished_runs_kept(tmp_path):
     assert_clean_error(proc, "diverged", "trainer.lr")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "diverged" in summary["error"]
+    diverged = summary["diverged"]  # the run after the finished ones, and where it broke
+    assert diverged["run"] == len(summary["runs"]) and diverged["epoch"] >= 1
+    last = diverged["last_epoch_metrics"]
+    assert (last is None) == (diverged["epoch"] == 1)
+    assert last is None or math.isfinite(last["train_loss"])
 
 
 def test_dead_tracking_server(tmp_path):

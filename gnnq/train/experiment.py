@@ -29,7 +29,7 @@ from gnnq.quant import build_quantizers
 from gnnq.tracking.mlflow_tracker import Tracker, flatten, make_tracker
 from gnnq.train import snapshot
 from gnnq.train.metrics import mean_std
-from gnnq.train.trainer import RunResult, Trainer
+from gnnq.train.trainer import RunResult, Trainer, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
         "method": (config.quant or {}).get("name", "fp32"),
         "seconds": round(seconds, 2),
         "error": None if error is None else (str(error) or type(error).__name__),
+        # the diverged run, epoch and last finished epoch's metrics (e.g. SMP's multiplier)
+        "diverged": error.record() if isinstance(error, TrainingDiverged) else None,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform()},
     }

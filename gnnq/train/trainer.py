@@ -43,7 +43,16 @@ EpochCallback = Callable[[int, int, dict[str, float]], None]
 
 
 class TrainingDiverged(GnnqError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite at ``epoch`` of ``run``; ``last_metrics`` are the last
+    finished epoch's (None when the first epoch diverged), kept in the job's summary."""
+
+    def __init__(self, message: str, run: int, epoch: int,
+                 last_metrics: Optional[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.run, self.epoch, self.last_metrics = run, epoch, last_metrics
+
+    def record(self) -> dict[str, Any]:
+        return {"run": self.run, "epoch": self.epoch, "last_epoch_metrics": self.last_metrics}
 
 
 @dataclass
@@ -140,7 +149,7 @@ class Trainer:
                     f"Training diverged: the loss became {loss} at epoch {epoch} of run {run} "
                     f"(seed {seed}). Lower trainer.lr (now {cfg.trainer.lr}) or check the "
                     f"quantizer settings{divergence_hint(cfg.model)}; runs finished before this "
-                    f"one are kept.")
+                    f"one are kept.", run, epoch, history[-1][1] if history else None)
             scores, costs = evaluate()
             bits = costs["val"].average_bits
             chosen.fewest_bits = min(chosen.fewest_bits, bits)
