@@ -142,3 +142,18 @@ def test_smoothness_tables_name_the_jobs_selected_by_the_earlier_tie_rule(tmp_pa
     assert smoothness.earliest_tie_note(["spec"]) == ""
     note = smoothness.earliest_tie_note(["spec", "earliest", "unset", "not_run"])
     assert note.endswith("to rerun it): earliest, unset.")
+
+
+def test_the_depth_notes_read_a_diverged_jobs_multiplier_from_its_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(smoothness, "OUT", tmp_path)
+    error = "Training diverged: the loss became nan at epoch 131 of run 0 (seed 0). Lower ..."
+    record = {"runs": [], "error": error, "seconds": 60.0,
+              "diverged": {"run": 0, "epoch": 131,
+                           "last_epoch_metrics": {"train_loss": 0.4, "multiplier_min": -2.88}}}
+    for name in ("smooth_smp_cora_int4-k32", "smooth_smp_cora_int4-k64"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(record))
+    table, notes = smoothness.depth_table(smoothness.depth_results())
+    assert "| INT4 | SMP | – | – | – | – | diverged (nan loss, epoch 131) |" in table
+    assert any("INT4 SMP diverged with the training pass's multiplier already at -2.88 (K = 32) "
+               "and -2.88 (K = 64)" in note for note in notes)
