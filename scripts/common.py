@@ -152,13 +152,16 @@ def fmt(runs: list[dict], key: str, digits: int = 2) -> str:
 
 
 def pooled(folder: Path) -> Optional[dict]:
-    """The job's summaries as one: ``runs`` pooled over shards, the first shard's other keys,
-    ``seconds`` summed; None if nothing has finished."""
+    """The job's summaries as one: ``runs`` pooled over shards, the first shard's other keys
+    (the error and divergence record of the first shard that stopped on one), ``seconds``
+    summed; None if nothing has finished."""
     parts = summaries(folder)
     if not parts:
         return None
+    failed = next((p for p in parts if p.get("error")), {})
     return {**parts[0], "runs": [r for p in parts for r in p["runs"]],
-            "seconds": sum(p["seconds"] for p in parts)}
+            "seconds": sum(p["seconds"] for p in parts),
+            **{key: failed[key] for key in ("error", "diverged") if key in failed}}
 
 
 def on_common_runs(*groups: list[dict]) -> list[list[dict]]:

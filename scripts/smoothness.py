@@ -157,12 +157,16 @@ def earliest_tie_note(names: list[str]) -> str:
 def cell(s: Optional[dict], key: str = "test") -> str:
     if s is None:
         return "–"
-    if not s["runs"]:  # the job ended without a finished run
-        error = s.get("error", "")
-        diverged = re.search(r"loss became (\S+) at epoch (\d+)", error)
-        return (f"diverged ({diverged.group(1)} loss, epoch {diverged.group(2)})" if diverged
-                else "failed")
-    return fmt(s["runs"], key)
+    error = s.get("error") or ""
+    if not error:
+        return fmt(s["runs"], key) if s["runs"] else "failed"
+    found = re.search(r"loss became (\S+) at epoch (\d+) of run (\d+)", error)
+    if found is None:
+        return "failed"
+    broke = f"diverged ({found[1]} loss, epoch {found[2]}"
+    # a job that diverged after some runs finished has no mean: its other runs are missing
+    return broke + (f" of run {found[3]}; runs before: {fmt(s['runs'], key)})" if s["runs"]
+                    else ")")
 
 
 def multiplier_before_divergence(name: str) -> Optional[float]:
@@ -176,7 +180,10 @@ def multiplier_before_divergence(name: str) -> Optional[float]:
 
 
 def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:
-    return None if s is None or not s["runs"] else mean_std(r[key] for r in s["runs"])[0]
+    """The mean over the job's runs; None if it has none or stopped on an error."""
+    if s is None or not s["runs"] or s.get("error"):
+        return None
+    return mean_std(r[key] for r in s["runs"])[0]
 
 
 def gap(a: Optional[dict], b: Optional[dict]) -> str:
@@ -334,9 +341,9 @@ def depth_table(results) -> tuple[str, list[str]]:
         if model != "SMP":
             continue
         diverging = []
-        for k, s in by_k.items():
+        for k in by_k:
             name = job(f"smooth_smp_cora_{suffix}", "smp", k)[0]
-            lam = multiplier_before_divergence(name) if cell(s).startswith("diverged") else None
+            lam = multiplier_before_divergence(name)
             if lam is not None:
                 diverging.append(f"{lam:.2f} (K = {k})")
         if diverging:

@@ -144,16 +144,26 @@ def test_smoothness_tables_name_the_jobs_selected_by_the_earlier_tie_rule(tmp_pa
     assert note.endswith("to rerun it): earliest, unset.")
 
 
-def test_the_depth_notes_read_a_diverged_jobs_multiplier_from_its_record(tmp_path, monkeypatch):
+def test_a_diverged_depth_cell_has_no_mean_and_its_note_reads_the_multiplier_record(
+        tmp_path, monkeypatch):
     monkeypatch.setattr(smoothness, "OUT", tmp_path)
-    error = "Training diverged: the loss became nan at epoch 131 of run 0 (seed 0). Lower ..."
-    record = {"runs": [], "error": error, "seconds": 60.0,
-              "diverged": {"run": 0, "epoch": 131,
-                           "last_epoch_metrics": {"train_loss": 0.4, "multiplier_min": -2.88}}}
-    for name in ("smooth_smp_cora_int4-k32", "smooth_smp_cora_int4-k64"):
+
+    def diverged(name: str, run: int, epoch: int, multiplier: float, tests: list[float]):
+        error = (f"Training diverged: the loss became nan at epoch {epoch} of run {run} "
+                 f"(seed {run}). Lower trainer.lr ...")
+        record = {"runs": [{"run": r, "test": t} for r, t in enumerate(tests)], "error": error,
+                  "seconds": 60.0, "diverged": {"run": run, "epoch": epoch, "last_epoch_metrics":
+                                                {"train_loss": 0.4, "multiplier_min": multiplier}}}
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(record))
-    table, notes = smoothness.depth_table(smoothness.depth_results())
-    assert "| INT4 | SMP | – | – | – | – | diverged (nan loss, epoch 131) |" in table
-    assert any("INT4 SMP diverged with the training pass's multiplier already at -2.88 (K = 32) "
-               "and -2.88 (K = 64)" in note for note in notes)
+
+    diverged("smooth_smp_cora_int4-k32", 2, 197, -3.11, [81.0, 80.0])
+    diverged("smooth_smp_cora_int4-k64", 0, 131, -2.95, [])
+    results = smoothness.depth_results()
+    table, notes = smoothness.depth_table(results)
+    assert ("| INT4 | SMP | – | – | – | – | diverged (nan loss, epoch 197 of run 2; runs "
+            "before: 80.50 ± 0.71) | diverged (nan loss, epoch 131) |") in table
+    assert smoothness.mean_of(results[("int4", "SMP")][32]) is None
+    assert "INT4 SMP: K = 64 did not train (diverged (nan loss, epoch 131))" in notes
+    assert any("INT4 SMP diverged with the training pass's multiplier already at -3.11 (K = 32) "
+               "and -2.95 (K = 64)" in note for note in notes)
