@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, job_folders, machine, pooled, restore_jobs,
-                    run_all, summaries)
+from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, job_folders, launch, machine, pooled,
+                    restore_jobs, run_all, summaries)
 from omegaconf import OmegaConf
 
 from gnnq.config import TrainerConfig
@@ -397,6 +397,40 @@ def depth_plot(results) -> Optional[Path]:
     return path
 
 
+# A job's run 0 trained again for its checkpoint, where the job's own is not here (job
+# records keep no checkpoints; not "run*": that would be a part of the job).
+TRACE_RUN = "trace-run0"
+
+
+def trace_jobs() -> list[tuple[str, str, tuple[str, list[str]]]]:
+    """(bits, K, job) of the SMP jobs whose run 0 the multiplier table traces."""
+    jobs_ = [(label, "10", job(f"smooth_smp_cora_{suffix}"))
+             for suffix, (label, _, _) in CORA.items()]
+    jobs_.append(("INT4", "16", job("smooth_smp_cora_int4", "smp", 16)))
+    jobs_ += [("INT4", f"{k}, {BOUNDED}", job("smooth_smp_cora_int4", "smp", k, bounded=True))
+              for k in (16, 32, 64)]
+    jobs_ += [(CORA[suffix][0], "10, official code's forms (correction 2αλ·ÃΔ)",
+               job(f"smooth_smp_cora_{suffix}", official=True)) for suffix in OFFICIAL_BITS]
+    return jobs_
+
+
+def trace_checkpoint(name: str) -> Path:
+    own = OUT / name / "checkpoints" / "run0.pt"
+    return own if own.exists() else OUT / name / TRACE_RUN / "checkpoints" / "run0.pt"
+
+
+def retrain_trace_runs(parallel: int) -> None:
+    """Train run 0 again (untracked) for each traced job that has finished but whose
+    checkpoint is not here (a fresh clone restores the records only)."""
+    todo = [(OUT / name / TRACE_RUN, overrides) for _, _, (name, overrides) in trace_jobs()
+            if summary(name) is not None and not trace_checkpoint(name).exists()]
+    for start in range(0, len(todo), max(1, parallel)):
+        batch = [launch(folder, [*overrides, "tracking=none"], runs=1)
+                 for folder, overrides in todo[start:start + max(1, parallel)]]
+        for process in batch:
+            process.wait()
+
+
 def multiplier_table() -> str:
     """The multiplier and the change energy along the K steps of each Cora SMP job's first
     run (its checkpoint, one eval forward pass on the full graph)."""
@@ -406,19 +440,13 @@ def multiplier_table() -> str:
     from gnnq.models import SMPProp
 
     rows = ["| bits | K | budget c | λ after step 1 → K (min, max) | change energy g, step 1 → K | "
-            "max \\|2αλ\\| |", "|---|---|---|---|---|---|"]
-    runs = [(label, "10", job(f"smooth_smp_cora_{suffix}")[0])
-            for suffix, (label, _, _) in CORA.items()]
-    runs.append(("INT4", "16", job("smooth_smp_cora_int4", "smp", 16)[0]))
-    runs += [("INT4", f"{k}, {BOUNDED}", job("smooth_smp_cora_int4", "smp", k, bounded=True)[0])
-             for k in (16, 32, 64)]
-    runs += [(CORA[suffix][0], "10, official code's forms (correction 2αλ·ÃΔ)",
-              job(f"smooth_smp_cora_{suffix}", official=True)[0]) for suffix in OFFICIAL_BITS]
-    for label, steps, name in runs:
-        path = OUT / name / "checkpoints" / "run0.pt"
+            "max \\|2αλ\\| | run 0: val / test |", "|---|---|---|---|---|---|---|"]
+    for label, steps, (name, _) in trace_jobs():
+        path = trace_checkpoint(name)
         if not path.exists():
             continue
-        model, task, _ = model_from_checkpoint(load_checkpoint(path), path)
+        saved = load_checkpoint(path)
+        model, task, _ = model_from_checkpoint(saved, path)
         with torch.no_grad():
             model(task.graph.x, task.graph.edge_index)
         prop = next(m for m in model.modules() if isinstance(m, SMPProp))
@@ -427,8 +455,20 @@ def multiplier_table() -> str:
                                              task.graph.x.dtype).nnz
         rows.append(f"| {label} | {steps} | {budget:.3g} | {lam[0]:+.4f} → {lam[-1]:+.4f} "
                     f"({min(lam):+.4f}, {max(lam):+.4f}) | {energy[0]:.3g} → {energy[-1]:.3g} | "
-                    f"{max(abs(2 * prop.alpha * v) for v in lam):.4f} |")
+                    f"{max(abs(2 * prop.alpha * v) for v in lam):.4f} | "
+                    f"{run_zero(saved['result'], summary(name))} |")
     return "\n".join(rows) if len(rows) > 2 else "(no Cora SMP checkpoints yet)"
+
+
+def run_zero(trained: dict, record: Optional[dict]) -> str:
+    """The checkpoint's run 0 (val / test), and the kept record's where it differs (a run
+    trained again on another machine: float rounding there can send a quantized run along
+    another path)."""
+    text = f"{trained['val']:.2f} / {trained['test']:.2f}"
+    kept = next((r for r in (record or {}).get("runs", []) if r["run"] == 0), None)
+    if kept is not None and (kept["val"], kept["test"]) != (trained["val"], trained["test"]):
+        text += f" (kept record: {kept['val']:.2f} / {kept['test']:.2f})"
+    return text
 
 
 def write_markdown(depth_runs: int) -> str:
@@ -470,7 +510,10 @@ upper bound). {machine(sorted(OUT.iterdir()) if OUT.exists() else [])}.
 The correction SMP adds to each APPNP step is `2αλ·L̃Δ`, so it matters only as far as the
 multiplier λ moves from 0. With the released constants (λ₀ = 0.001, η_λ = 1e-5, c = τ·nnz(Ã))
 it stays small at K = 10 (the selected checkpoint, eval pass; every epoch's training-pass range
-is logged as `multiplier_min` / `multiplier_max`):
+is logged as `multiplier_min` / `multiplier_max`). Job records keep no checkpoints, so where a
+job's is not in `outputs/` the script trains its run 0 again (`{TRACE_RUN}/`); the last column
+gives that run's scores, and the kept record's where the two differ (the same code on another
+machine: quantized runs can round their way onto another path).
 
 {multiplier_table()}
 
@@ -534,6 +577,7 @@ def main() -> None:
                 for group in args.groups for name, overrides in jobs(group)
                 if args.only is None or name in args.only]
         run_all(todo, args.parallel)
+        retrain_trace_runs(args.parallel)
     if args.groups == ["emp"]:  # its own file: the other groups' jobs need not exist
         print(write_emp_markdown())
         return

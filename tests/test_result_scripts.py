@@ -167,3 +167,33 @@ def test_a_diverged_depth_cell_has_no_mean_and_its_note_reads_the_multiplier_rec
     assert "INT4 SMP: K = 64 did not train (diverged (nan loss, epoch 131))" in notes
     assert any("INT4 SMP diverged with the training pass's multiplier already at -3.11 (K = 32) "
                "and -2.95 (K = 64)" in note for note in notes)
+
+
+def test_the_multiplier_table_retrains_only_the_missing_run0_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(smoothness, "OUT", tmp_path)
+    names = {name for _, _, (name, _) in smoothness.trace_jobs()}
+    assert names <= {name for group in smoothness.GROUPS for name, _ in smoothness.jobs(group)}
+    record = {"runs": [{"run": 0, "val": 84.0, "test": 81.7}], "seconds": 1.0}
+    for name in ("smooth_smp_cora_int4", "smooth_smp_cora_int8"):  # finished, kept records
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(record))
+    (tmp_path / "smooth_smp_cora_int8" / "checkpoints").mkdir()
+    (tmp_path / "smooth_smp_cora_int8" / "checkpoints" / "run0.pt").write_bytes(b"")
+    launched = []
+
+    class Done:
+        def wait(self):
+            return 0
+
+    def launch(folder, overrides, runs):
+        launched.append((folder, overrides, runs))
+        return Done()
+
+    monkeypatch.setattr(smoothness, "launch", launch)
+    smoothness.retrain_trace_runs(parallel=2)
+    assert launched == [(tmp_path / "smooth_smp_cora_int4" / smoothness.TRACE_RUN,
+                         ["+experiment=smooth_smp_cora_int4", "tracking=none"], 1)]
+    kept = smoothness.summary("smooth_smp_cora_int4")
+    assert smoothness.run_zero({"val": 84.8, "test": 81.8}, kept) == \
+        "84.80 / 81.80 (kept record: 84.00 / 81.70)"
+    assert smoothness.run_zero({"val": 84.0, "test": 81.7}, kept) == "84.00 / 81.70"
