@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, job_folders, launch, machine, pooled,
-                    restore_jobs, run_all, summaries)
+                    restore_jobs, run_all)
 from omegaconf import OmegaConf
 
 from gnnq.config import TrainerConfig
@@ -169,14 +169,11 @@ def cell(s: Optional[dict], key: str = "test") -> str:
                     else ")")
 
 
-def multiplier_before_divergence(name: str) -> Optional[float]:
-    """The training pass's ``multiplier_min`` in the last epoch a diverged job finished (its
-    summary's ``diverged`` record), if any."""
-    for part in summaries(OUT / name):
-        last = (part.get("diverged") or {}).get("last_epoch_metrics") or {}
-        if "multiplier_min" in last:
-            return last["multiplier_min"]
-    return None
+def multiplier_before_divergence(s: Optional[dict]) -> Optional[float]:
+    """The training pass's ``multiplier_min`` in the last epoch a diverged job finished (the
+    ``diverged`` record its pooled summary carries), if any."""
+    last = ((s or {}).get("diverged") or {}).get("last_epoch_metrics") or {}
+    return last.get("multiplier_min")
 
 
 def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:
@@ -340,12 +337,8 @@ def depth_table(results) -> tuple[str, list[str]]:
     for (suffix, model), by_k in results.items():
         if model != "SMP":
             continue
-        diverging = []
-        for k in by_k:
-            name = job(f"smooth_smp_cora_{suffix}", "smp", k)[0]
-            lam = multiplier_before_divergence(name)
-            if lam is not None:
-                diverging.append(f"{lam:.2f} (K = {k})")
+        diverging = [f"{lam:.2f} (K = {k})" for k, s in by_k.items()
+                     if (lam := multiplier_before_divergence(s)) is not None]
         if diverging:
             notes.append(f"{CORA[suffix][0]} SMP diverged with the training pass's multiplier "
                          f"already at {' and '.join(diverging)} in the last finished epoch "
@@ -424,9 +417,10 @@ def retrain_trace_runs(parallel: int) -> None:
     checkpoint is not here (a fresh clone restores the records only)."""
     todo = [(OUT / name / TRACE_RUN, overrides) for _, _, (name, overrides) in trace_jobs()
             if summary(name) is not None and not trace_checkpoint(name).exists()]
-    for start in range(0, len(todo), max(1, parallel)):
+    width = max(1, parallel)
+    for start in range(0, len(todo), width):
         batch = [launch(folder, [*overrides, "tracking=none"], runs=1)
-                 for folder, overrides in todo[start:start + max(1, parallel)]]
+                 for folder, overrides in todo[start:start + width]]
         for process in batch:
             process.wait()
 
