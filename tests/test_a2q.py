@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
-from conftest import assert_clean_error, run_gnnq
+from conftest import (adversarial_values, assert_clean_error, fused_and_plain, run_gnnq,
+                      same_bits)
 from gnnq.config import ModelConfig, StrategyConfig
 from gnnq.data.task import Task
 from gnnq.errors import GnnqError
@@ -246,6 +247,67 @@ def test_local_error_gradient_is_the_spec_sign_of_error_rule():
     assert torch.allclose(q.bits.grad.view(-1), (error_sign * d_bits).mean(dim=1))
     # the input still gets the task gradient (identity straight-through here)
     assert torch.equal(x.grad, torch.tensor([[5.0, -3.0, 2.0], [5.0, -3.0, 2.0]]))
+
+
+# -- fused CPU ops ---------------------------------------------------------------------------
+# Steps where values fall halfway between codes (0.5, 1.0), the smallest one the quantizer
+# allows, and drawn ones; levels of 1 to 16 bits.
+GROUP_STEPS = [0.5, 1.0, torch.finfo().tiny, 0.013, 3.7, 0.21, 1e-3, 25.0]
+GROUP_LEVELS = [1.0, 3.0, 7.0, 127.0, 32767.0, 1.0, 15.0, 65535.0]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("layout", ["per row", "per column", "one for all"])
+def test_fused_ops_give_pytorchs_results_bit_for_bit(monkeypatch, layout, masked):
+    x = adversarial_values().reshape(-1, 8)  # every column holds every kind of value
+    rows, cols = x.shape
+    shape = {"per row": (rows, 1), "per column": (1, cols), "one for all": (1, 1)}[layout]
+    count = shape[0] * shape[1]
+    steps = torch.tensor(GROUP_STEPS).repeat(count // 8 + 1)[:count].reshape(shape)
+    levels = torch.tensor(GROUP_LEVELS).repeat(count // 8 + 1)[:count].reshape(shape)
+
+    def compute():
+        leaves = [t.clone().requires_grad_() for t in (x, steps, levels)]
+        out = _FakeQuantize.apply(*leaves, masked)
+        out.backward(torch.linspace(-2, 2, out.numel()).reshape(out.shape))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    fused, plain = fused_and_plain(monkeypatch, compute)
+    for a, b in zip(fused, plain):
+        assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("level", ["node", "graph"])
+def test_fused_ops_train_a_model_to_the_same_weights(monkeypatch, level):
+    """Node level: GCN, per-node quantizers and the Local Gradient; graph level: GIN with
+    Nearest-Neighbor-Strategy tables and the memory penalty (the REDDIT-BINARY preset's)."""
+
+    def compute():
+        torch.manual_seed(0)
+        if level == "node":
+            task = node_task(nonnegative=True)
+            inputs, target = (task.graph.x, task.graph.edge_index), task.graph.y
+            factory, config = _a2q(bit_budget=2.0), ModelConfig(name="gcn", hidden=8)
+        else:
+            graphs = [Data(x=torch.randn(n, 4), edge_index=torch.randint(0, n, (2, 3 * n)),
+                           y=torch.tensor([n % 2])) for n in (7, 9, 12, 5)]
+            task = Task("toy_graphs", "graph", 4, 2, "acc", split=None, graphs=graphs)
+            batch = Batch.from_data_list(graphs)
+            inputs, target = (batch.x, batch.edge_index, batch.batch), batch.y
+            factory = _a2q(memory_target_kb=0.01)
+            config = ModelConfig(name="gin", hidden=16, layers=2, pooling="mean")
+        model = build_model(config, task, factory)
+        strategy = build_strategy(StrategyConfig(name="local_gradient"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(*inputs), target)
+            strategy.backward(loss, model, factory.penalty(model))
+            optimizer.step()
+        return model.state_dict()
+
+    fused, plain = fused_and_plain(monkeypatch, compute)
+    assert all(same_bits(fused[k], plain[k]) for k in plain)
 
 
 # -- NNS -------------------------------------------------------------------------------------

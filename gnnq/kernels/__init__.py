@@ -11,7 +11,7 @@ module                      holds
 :mod:`.cpu`                 the C++/OpenMP extension (``csrc/packed_cpu*.cpp``), built on
                             first use (or by ``python -m gnnq.kernels``) into
                             ``$GNNQ_CACHE/kernels`` (``~/.cache/gnnq/kernels``); also the
-                            fused DQ and QLR training ops (``fake_quant_cpu.cpp``)
+                            fused DQ, QLR and A²Q training ops (``fake_quant_cpu.cpp``)
 :mod:`.cuda`                the CUDA kernels (``csrc/packed_cuda.cu``, plain CUDA C++), loaded
                             where CUDA is present; ``nvcc_compile`` for compile-only checks
 :mod:`.backend`             one interface over reference / cpu / cuda (``get_backend``)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from gnnq.config import check_choice, check_range, parse_method_config
 from gnnq.data.task import Task
 from gnnq.errors import GnnqError
+from gnnq.kernels.cpu import training_ops_for
 from gnnq.quant.base import BitCost, LayerSpec, Quantizer
 
 KB = 8 * 1024  # bits in a kilobyte, the unit of the official memory term
@@ -159,34 +160,60 @@ class _FakeQuantize(torch.autograd.Function):
     clipped elements, and a straight-through input gradient (zero where clipped unless
     ``masked`` is off, the official code's effective behaviour)."""
 
-    # Few full-size passes, in-place ops and a float mask (torch.where and bool masks are
-    # several times slower on CPU): at graph level this runs on every node of a batch in
-    # every layer and dominates an epoch.
+    # At graph level this runs on every node of a batch in every layer and dominates an
+    # epoch. The fused CPU ops (gnnq/kernels) make one pass each way and recompute the codes
+    # from x in backward instead of saving them; PyTorch's path keeps its passes few, in
+    # place and with a float mask (torch.where and bool masks are several times slower).
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, levels: Tensor, masked: bool) -> Tensor:
-        ratio = x / step
-        clipped = torch.clamp(ratio, -levels, levels)
-        inside = (clipped == ratio).to(x.dtype)  # exact: clamp keeps in-range values
-        code = clipped.abs().add_(0.5).floor_().copysign_(clipped)
-        ctx.save_for_backward(step, levels, clipped, code, inside)
         ctx.masked = masked
+        ops = training_ops_for(x, step, levels) if x.dim() == 2 else None
+        ctx.fused = ops is not None
+        if ctx.fused:
+            ctx.save_for_backward(x, step, levels)
+            return ops.a2q_fake_quantize(x, step, levels)
+        clipped, code, inside = _codes(x, step, levels)
+        ctx.save_for_backward(step, levels, clipped, code, inside)
         return code * step
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        step, levels, clipped, code, inside = ctx.saved_tensors
+        want_x, want_step, want_levels = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            x, step, levels = ctx.saved_tensors
+            grad = grad.contiguous()
+            ops = training_ops_for(grad, x, step, levels)
+            if ops is not None:  # the element-wise terms in one pass; the sums as below
+                grad_x, d_step, d_levels = ops.a2q_backward_terms(
+                    grad, x, step, levels, want_x and ctx.masked, want_step, want_levels)
+                return ((grad_x if ctx.masked else grad) if want_x else None,
+                        d_step.sum_to_size(step.shape) if want_step else None,
+                        d_levels.sum_to_size(levels.shape) if want_levels else None, None)
+            clipped, code, inside = _codes(x, step, levels)
+        else:
+            step, levels, clipped, code, inside = ctx.saved_tensors
         grad_x = grad_step = grad_levels = None
-        if ctx.needs_input_grad[0]:
+        if want_x:
             grad_x = grad * inside if ctx.masked else grad
-        if ctx.needs_input_grad[1]:
+        if want_step:
             # code - ratio inside the range; sign(x) Q (= the code) where clipped.
             d_step = torch.addcmul(code, clipped, inside, value=-1)
             grad_step = d_step.mul_(grad).sum_to_size(step.shape)
-        if ctx.needs_input_grad[2]:
+        if want_levels:
             sign = clipped.sign()
             outside_sign = torch.addcmul(sign, sign, inside, value=-1)
             grad_levels = outside_sign.mul_(grad).mul_(step).sum_to_size(levels.shape)
         return grad_x, grad_step, grad_levels, None
+
+
+def _codes(x: Tensor, step: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ratio ``x / s`` clipped to ``[-Q, Q]``, its code (rounded half away from zero) and
+    whether it lay inside the range (1.0 or 0.0; clamp keeps in-range values exactly)."""
+    ratio = x / step
+    clipped = torch.clamp(ratio, -levels, levels)
+    inside = (clipped == ratio).to(x.dtype)
+    code = clipped.abs().add_(0.5).floor_().copysign_(clipped)
+    return clipped, code, inside
 
 
 def _round_ste(bits: Tensor) -> Tensor:

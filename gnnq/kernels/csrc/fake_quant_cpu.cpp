@@ -1,10 +1,11 @@
-// Fused CPU training ops for the fake quantization of Degree-Quant (gnnq/quant/degree_quant.py)
-// and QLR (gnnq/quant/smoothness.py).
+// Fused CPU training ops for the fake quantization of Degree-Quant (gnnq/quant/degree_quant.py),
+// QLR (gnnq/quant/smoothness.py) and A²Q (gnnq/quant/a2q.py).
 //
 // Each replaces a chain of PyTorch element-wise passes over an activation by one pass, with
 // the same float32 operations in the same order, so results are bit for bit those of the
-// PyTorch path (tests/test_degree_quant.py compares the two). Built on first use by
-// gnnq/kernels/cpu.py (load_training_ops) like the packed kernels; without a compiler the
+// PyTorch path (tests/test_degree_quant.py and
+// tests/test_a2q.py compare the two). Built on first use by
+// gnnq/kernels/cpu.py (training_ops) like the packed kernels; without a compiler the
 // PyTorch path runs instead.
 
 #include <torch/extension.h>
@@ -175,6 +176,131 @@ std::vector<at::Tensor> tails(const at::Tensor& x, double below, double above) {
   return {as_tensor(low), as_tensor(high), ties};
 }
 
+// -- A²Q -------------------------------------------------------------------------------------
+// Its codes round half away from zero: floor(|c| + 0.5) with the sign of c. floor of a
+// v in [0, A2Q_FLOOR_LIMIT) by the magic constant (round to nearest, then down by one where
+// that went up), which GCC vectorizes; std::floor it will not without SSE4.1.
+constexpr float A2Q_FLOOR_LIMIT = 4194304.0f;  // 2^22; A²Q's grids have at most 2^16 levels
+
+inline float floor_nonnegative(float v) {
+  const float nearest = (v + ROUND_MAGIC) - ROUND_MAGIC;  // NaN stays NaN
+  return nearest > v ? nearest - 1.0f : nearest;
+}
+
+// One A²Q element, as gnnq/quant/a2q.py's PyTorch path computes it: the clipped ratio, its
+// code and whether the ratio lay inside [-q, q] (1 or 0).
+struct A2QElement {
+  float clipped, code, inside;
+  A2QElement(float x, float s, float q) {
+    const float ratio = x / s;
+    clipped = std::min(std::max(ratio, -q), q);  // NaN stays NaN
+    inside = clipped == ratio ? 1.0f : 0.0f;
+    code = std::copysign(floor_nonnegative(std::abs(clipped) + 0.5f), clipped);
+  }
+};
+
+// The groups of an A²Q quantizer on a [rows, cols] tensor: step and levels hold one value per
+// row ([rows, 1]), per column ([1, cols]) or one in all ([1, 1]).
+struct A2QGroups {
+  const float* step;
+  const float* levels;
+  int64_t rows, cols, row_stride, col_stride;  // strides of the groups over the tensor
+
+  A2QGroups(const at::Tensor& x, const at::Tensor& step_t, const at::Tensor& levels_t) {
+    check_input(x);
+    check_input(step_t);
+    check_input(levels_t);
+    TORCH_CHECK(x.dim() == 2 && step_t.sizes() == levels_t.sizes() && step_t.dim() == 2,
+                "a 2-D input with step and levels of one shape");
+    rows = x.size(0);
+    cols = x.size(1);
+    const int64_t group_rows = step_t.size(0), group_cols = step_t.size(1);
+    TORCH_CHECK((group_rows == rows || group_rows == 1) && (group_cols == cols || group_cols == 1)
+                    && (group_rows == 1 || group_cols == 1),
+                "step and levels must be [rows, 1], [1, cols] or [1, 1]");
+    row_stride = group_rows == 1 ? 0 : 1;
+    col_stride = group_cols == 1 ? 0 : 1;
+    step = step_t.data_ptr<float>();
+    levels = levels_t.data_ptr<float>();
+    for (int64_t g = 0; g < levels_t.numel(); ++g)
+      TORCH_CHECK(!(levels[g] >= A2Q_FLOOR_LIMIT), "at most 2^22 levels");  // NaN passes
+  }
+
+  // body(i, x index, step, levels) over every element, in parallel over rows; the per-row and
+  // per-column cases are separate loops so that each vectorizes.
+  template <typename Body>
+  void for_each(const Body& body) const {
+    const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(cols, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t base = r * cols;
+        if (col_stride == 0) {
+          const float s = step[r * row_stride], q = levels[r * row_stride];
+          for (int64_t c = 0; c < cols; ++c) body(base + c, s, q);
+        } else {
+          for (int64_t c = 0; c < cols; ++c) body(base + c, step[c], levels[c]);
+        }
+      }
+    });
+  }
+};
+
+// A²Q's fake quantization (gnnq/quant/a2q.py, _FakeQuantize.forward): code * step.
+at::Tensor a2q_fake_quantize(const at::Tensor& x, const at::Tensor& step,
+                             const at::Tensor& levels) {
+  const A2QGroups groups(x, step, levels);
+  auto out = at::empty_like(x);
+  const float* __restrict src = x.data_ptr<float>();
+  float* __restrict dst = out.data_ptr<float>();
+  groups.for_each([&](int64_t i, float s, float q) {
+    dst[i] = A2QElement(src[i], s, q).code * s;
+  });
+  return out;
+}
+
+// The loop of a2q_backward_terms for one choice of terms, specialised so that GCC
+// vectorizes it (a test per element it would not). PyTorch's addcmul(a, b, c, value=-1) is
+// a + (-1 * b) * c: the same order here.
+template <bool GRAD_X, bool STEP, bool LEVELS>
+void a2q_backward_loop(const A2QGroups& groups, const float* __restrict g,
+                       const float* __restrict src, float* __restrict gx,
+                       float* __restrict ds, float* __restrict dl) {
+  groups.for_each([=](int64_t i, float s, float q) {
+    const A2QElement e(src[i], s, q);
+    if (GRAD_X) gx[i] = g[i] * e.inside;
+    if (STEP) ds[i] = (e.code + (-e.clipped) * e.inside) * g[i];
+    if (LEVELS) {
+      const float sign = static_cast<float>((0.0f < e.clipped) - (e.clipped < 0.0f));
+      dl[i] = ((sign + (-sign) * e.inside) * g[i]) * s;
+    }
+  });
+}
+
+// The element-wise terms of A²Q's backward (_FakeQuantize.backward), each an undefined tensor
+// unless asked for: the masked input gradient grad * inside, the step gradient's summands
+// (code - clipped * inside) * grad and the levels gradient's (sign - sign * inside) * grad *
+// step. The elements are recomputed from x rather than saved by the forward pass.
+std::vector<at::Tensor> a2q_backward_terms(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& step, const at::Tensor& levels,
+                                           bool want_grad_x, bool want_step, bool want_levels) {
+  const A2QGroups groups(x, step, levels);
+  check_input(grad);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad and x of one shape");
+  auto term = [&](bool wanted) { return wanted ? at::empty_like(x) : at::Tensor(); };
+  at::Tensor grad_x = term(want_grad_x), d_step = term(want_step), d_levels = term(want_levels);
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  using Loop = void (*)(const A2QGroups&, const float*, const float*, float*, float*, float*);
+  static constexpr Loop loops[8] = {
+      a2q_backward_loop<false, false, false>, a2q_backward_loop<false, false, true>,
+      a2q_backward_loop<false, true, false>,  a2q_backward_loop<false, true, true>,
+      a2q_backward_loop<true, false, false>,  a2q_backward_loop<true, false, true>,
+      a2q_backward_loop<true, true, false>,   a2q_backward_loop<true, true, true>};
+  loops[4 * want_grad_x + 2 * want_step + want_levels](
+      groups, grad.data_ptr<float>(), x.data_ptr<float>(), ptr(grad_x), ptr(d_step),
+      ptr(d_levels));
+  return {grad_x, d_step, d_levels};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -182,4 +308,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tails", &tails, "the values beyond two thresholds, and the counts equal to them");
   m.def("qlr_fake_quantize", &qlr_fake_quantize, "QLR's fused fake quantization");
   m.def("qlr_backward_terms", &qlr_backward_terms, "QLR's element-wise backward terms");
+  m.def("a2q_fake_quantize", &a2q_fake_quantize, "A²Q's fused fake quantization");
+  m.def("a2q_backward_terms", &a2q_backward_terms, "A²Q's element-wise backward terms");
 }
