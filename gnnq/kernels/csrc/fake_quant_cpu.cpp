@@ -226,8 +226,10 @@ struct A2QGroups {
       TORCH_CHECK(!(levels[g] >= A2Q_FLOOR_LIMIT), "at most 2^22 levels");  // NaN passes
   }
 
-  // body(i, x index, step, levels) over every element, in parallel over rows; the per-row and
-  // per-column cases are separate loops so that each vectorizes.
+  // body(i, step, levels) for every element i, in parallel over rows; the per-row and
+  // per-column cases are separate loops so that each vectorizes. ivdep: the bodies write
+  // only their own element, and the alias checks GCC would otherwise add for up to seven
+  // streams exceed its limit, leaving the loop scalar (8x slower).
   template <typename Body>
   void for_each(const Body& body) const {
     const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(cols, 1));
@@ -236,8 +238,10 @@ struct A2QGroups {
         const int64_t base = r * cols;
         if (col_stride == 0) {
           const float s = step[r * row_stride], q = levels[r * row_stride];
+#pragma GCC ivdep
           for (int64_t c = 0; c < cols; ++c) body(base + c, s, q);
         } else {
+#pragma GCC ivdep
           for (int64_t c = 0; c < cols; ++c) body(base + c, step[c], levels[c]);
         }
       }
