@@ -18,6 +18,15 @@
 
 namespace {
 
+// The element-wise loops are also built for AVX2 and picked at load time where the CPU has it
+// (GCC's function multi-versioning): twice the lanes of the SSE2 baseline. Neither build uses
+// FMA, so both compute the same float32 operations as PyTorch's path, bit for bit.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GNNQ_MULTI_ISA __attribute__((target_clones("avx2", "default")))
+#else
+#define GNNQ_MULTI_ISA
+#endif
+
 constexpr int64_t GRAIN = 1 << 15;
 // Adding and subtracting 1.5 * 2^23 rounds a float of magnitude <= 2^22 to the nearest
 // integer, ties to even (std::nearbyint's rounding, which GCC will not vectorize without
@@ -36,6 +45,18 @@ void check_input(const at::Tensor& x) {
               "a contiguous float32 CPU tensor is required");
 }
 
+// Degree-Quant's fake quantization over [begin, end), specialised on the mask.
+template <bool MASK>
+GNNQ_MULTI_ISA void dq_range(const float* __restrict src, float* __restrict dst,
+                             bool* __restrict mask, int64_t begin, int64_t end, float s, float z,
+                             float top) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float code = round_even(src[i] / s) + z;
+    if (MASK) mask[i] = (code >= 0.0f) & (code <= top);
+    dst[i] = (std::min(std::max(code, 0.0f), top) - z) * s;  // NaN stays NaN
+  }
+}
+
 // (clamp(round(x / scale) + zero, 0, levels) - zero) * scale, and whether each element lay
 // inside [0, levels] before the clamp (an undefined tensor unless want_inside).
 std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double zero,
@@ -46,29 +67,19 @@ std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double 
   auto out = at::empty_like(x);
   at::Tensor inside = want_inside ? at::empty(x.sizes(), x.options().dtype(at::kBool))
                                   : at::Tensor();
-  const float* __restrict src = x.data_ptr<float>();
-  float* __restrict dst = out.data_ptr<float>();
-  bool* __restrict mask = want_inside ? inside.data_ptr<bool>() : nullptr;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  bool* mask = want_inside ? inside.data_ptr<bool>() : nullptr;
+  const auto range = want_inside ? dq_range<true> : dq_range<false>;
   at::parallel_for(0, x.numel(), GRAIN, [&](int64_t begin, int64_t end) {
-    if (mask == nullptr) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float code = round_even(src[i] / s) + z;
-        dst[i] = (std::min(std::max(code, 0.0f), top) - z) * s;  // NaN stays NaN
-      }
-      return;
-    }
-    for (int64_t i = begin; i < end; ++i) {
-      const float code = round_even(src[i] / s) + z;
-      mask[i] = (code >= 0.0f) & (code <= top);
-      dst[i] = (std::min(std::max(code, 0.0f), top) - z) * s;
-    }
+    range(src, dst, mask, begin, end, s, z, top);
   });
   return {out, inside};
 }
 
 // QLR's fake quantization over [begin, end), specialised so that GCC vectorizes each case.
 template <bool MASK, bool TRUNCATE>
-void qlr_range(const float* __restrict src, float* __restrict dst, bool* __restrict mask,
+GNNQ_MULTI_ISA void qlr_range(const float* __restrict src, float* __restrict dst, bool* __restrict mask,
                int64_t begin, int64_t end, float s, float z, float top, float shift,
                float step) {
   for (int64_t i = begin; i < end; ++i) {
@@ -105,9 +116,26 @@ std::vector<at::Tensor> qlr_fake_quantize(const at::Tensor& x, double scale, dou
   return {out, inside};
 }
 
+// QLR's backward terms over [begin, end) (qlr_backward_terms): both sides are computed and
+// one is selected, which GCC vectorizes (a branch it would not).
+GNNQ_MULTI_ISA void qlr_backward_range(const float* __restrict g, const float* __restrict src,
+                                       const float* __restrict q, const uint8_t* __restrict in,
+                                       float* __restrict da, float* __restrict gx,
+                                       int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float residual = q[i] - src[i];
+    da[i] = in[i] ? residual : q[i];
+  }
+  if (gx != nullptr) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float kept = g[i];
+      gx[i] = in[i] ? kept : 0.0f;
+    }
+  }
+}
+
 // The element-wise terms of QLR's LSQ-style backward: the range gradient's summands
-// inside ? out - x : out, and (with want_grad_x) the input gradient inside ? grad : 0. Both
-// sides are computed and one is selected, which GCC vectorizes (a branch it would not).
+// inside ? out - x : out, and (with want_grad_x) the input gradient inside ? grad : 0.
 std::vector<at::Tensor> qlr_backward_terms(const at::Tensor& grad, const at::Tensor& x,
                                            const at::Tensor& out, const at::Tensor& inside,
                                            bool want_grad_x) {
@@ -117,23 +145,14 @@ std::vector<at::Tensor> qlr_backward_terms(const at::Tensor& grad, const at::Ten
   TORCH_CHECK(inside.scalar_type() == at::kBool && inside.is_contiguous(), "a bool mask");
   auto d_alpha = at::empty_like(x);
   at::Tensor grad_x = want_grad_x ? at::empty_like(grad) : at::Tensor();
-  const float* __restrict g = grad.data_ptr<float>();
-  const float* __restrict src = x.data_ptr<float>();
-  const float* __restrict q = out.data_ptr<float>();
-  const auto* __restrict in = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
-  float* __restrict da = d_alpha.data_ptr<float>();
-  float* __restrict gx = want_grad_x ? grad_x.data_ptr<float>() : nullptr;
+  const float* g = grad.data_ptr<float>();
+  const float* src = x.data_ptr<float>();
+  const float* q = out.data_ptr<float>();
+  const auto* in = reinterpret_cast<const uint8_t*>(inside.data_ptr<bool>());
+  float* da = d_alpha.data_ptr<float>();
+  float* gx = want_grad_x ? grad_x.data_ptr<float>() : nullptr;
   at::parallel_for(0, x.numel(), GRAIN, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float residual = q[i] - src[i];
-      da[i] = in[i] ? residual : q[i];
-    }
-    if (gx != nullptr) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float kept = g[i];
-        gx[i] = in[i] ? kept : 0.0f;
-      }
-    }
+    qlr_backward_range(g, src, q, in, da, gx, begin, end);
   });
   return {d_alpha, grad_x};
 }
@@ -226,28 +245,37 @@ struct A2QGroups {
       TORCH_CHECK(!(levels[g] >= A2Q_FLOOR_LIMIT), "at most 2^22 levels");  // NaN passes
   }
 
-  // body(i, step, levels) for every element i, in parallel over rows; the per-row and
-  // per-column cases are separate loops so that each vectorizes. ivdep: the bodies write
-  // only their own element, and the alias checks GCC would otherwise add for up to seven
-  // streams exceed its limit, leaving the loop scalar (8x slower).
+  // body(i, step, levels) for every element i, in parallel over rows (a2q_rows).
   template <typename Body>
   void for_each(const Body& body) const {
     const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(cols, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t base = r * cols;
-        if (col_stride == 0) {
-          const float s = step[r * row_stride], q = levels[r * row_stride];
-#pragma GCC ivdep
-          for (int64_t c = 0; c < cols; ++c) body(base + c, s, q);
-        } else {
-#pragma GCC ivdep
-          for (int64_t c = 0; c < cols; ++c) body(base + c, step[c], levels[c]);
-        }
-      }
+      a2q_rows(*this, body, begin, end);
     });
   }
 };
+
+// Rows [begin, end) of A2QGroups::for_each. The per-row and per-column cases are separate
+// loops so that each vectorizes. ivdep: the bodies write only their own element, and the
+// alias checks GCC would otherwise add for up to seven streams exceed its limit, leaving the
+// loop scalar (8x slower).
+template <typename Body>
+GNNQ_MULTI_ISA void a2q_rows(const A2QGroups& groups, const Body& body, int64_t begin,
+                             int64_t end) {
+  const int64_t cols = groups.cols;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t base = r * cols;
+    if (groups.col_stride == 0) {
+      const float s = groups.step[r * groups.row_stride];
+      const float q = groups.levels[r * groups.row_stride];
+#pragma GCC ivdep
+      for (int64_t c = 0; c < cols; ++c) body(base + c, s, q);
+    } else {
+#pragma GCC ivdep
+      for (int64_t c = 0; c < cols; ++c) body(base + c, groups.step[c], groups.levels[c]);
+    }
+  }
+}
 
 // A²Q's fake quantization (gnnq/quant/a2q.py, _FakeQuantize.forward): code * step.
 at::Tensor a2q_fake_quantize(const at::Tensor& x, const at::Tensor& step,
