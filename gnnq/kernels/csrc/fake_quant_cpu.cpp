@@ -79,9 +79,9 @@ std::vector<at::Tensor> fake_quantize(const at::Tensor& x, double scale, double 
 
 // QLR's fake quantization over [begin, end), specialised so that GCC vectorizes each case.
 template <bool MASK, bool TRUNCATE>
-GNNQ_MULTI_ISA void qlr_range(const float* __restrict src, float* __restrict dst, bool* __restrict mask,
-               int64_t begin, int64_t end, float s, float z, float top, float shift,
-               float step) {
+GNNQ_MULTI_ISA void qlr_range(const float* __restrict src, float* __restrict dst,
+                              bool* __restrict mask, int64_t begin, int64_t end, float s,
+                              float z, float top, float shift, float step) {
   for (int64_t i = begin; i < end; ++i) {
     const float raw = round_even(src[i] / s + z);
     float code = std::min(std::max(raw, 0.0f), top);  // NaN stays NaN
