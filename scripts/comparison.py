@@ -18,7 +18,8 @@ folds 0-9 of the fixed 10-fold CV (REDDIT-BINARY); test accuracy at the best val
 is the primary rule. Each method runs its pinned preset (its released hyperparameters):
 fp32_*, dq_int8_*, dq_int4_*, a2q_*; the smoothness-aware rows are the FP32 preset with
 `+quant=smoothness` (QLR on every stage of the same GCN/GAT/GIN), on GIN-REDDIT-BINARY with the
-mean pooling every other quantized row has (QLR_MODEL). Nothing is chosen on test.
+mean pooling and FP32 degree feature every other quantized row has (QLR_MODEL). Nothing is
+chosen on test.
 
 Two GIN-REDDIT-BINARY cells are jobs that other results scripts run with the same preset on
 the same folds (FP32: scripts/baselines.py, A²Q: scripts/a2q.py). Where those have finished
@@ -44,8 +45,9 @@ RESULTS = ROOT / "results"
 ROWS = ("gcn_cora", "gcn_citeseer", "gat_cora", "gin_reddit_binary")
 # The FP32 GIN sums its nodes before the readout. Quantized, that input spans graphs of 6 to
 # 3782 nodes: DQ-INT4 stalled on it (results/comparison_notes.md) and both quantized presets
-# pool by mean, as their authors' models do; QLR gets the same model as they.
-QLR_MODEL = {"gin_reddit_binary": ["model.pooling=mean"]}
+# pool by mean, as their authors' models do, and keep the degree feature FP32; QLR gets the
+# same model and input as they.
+QLR_MODEL = {"gin_reddit_binary": ["model.pooling=mean", "quant.quantize_raw_input=false"]}
 # method -> overrides, given the row (model_dataset)
 METHODS = {
     "FP32": lambda row: [f"+experiment=fp32_{row}"],

@@ -626,6 +626,17 @@ def test_the_same_quantizer_works_with_gcn_gin_gat(name):
     assert average_bits(model) == 2.0 and compression_ratio(model) == pytest.approx(16.0)
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_the_raw_input_is_quantized_unless_switched_off(raw):
+    task = node_task()
+    model = build_model(ModelConfig(name="gin", hidden=8, layers=3), task,
+                        smoothness(quantize_raw_input=raw))
+    first, later = model.convs[0], model.convs[1]
+    assert first.q.has("input") is raw and later.q.has("input")
+    assert first.q.has("message") and first.nn[0].q.has("weight")
+    model(task.graph.x, task.graph.edge_index).sum().backward()  # still trains either way
+
+
 def test_alpha_gets_its_own_learning_rate_and_weight_decay():
     task = node_task()
     model = build_model(ModelConfig(name="smp", hidden=8, steps=2), task,

@@ -75,6 +75,8 @@ ALPHA_MIN = 1e-3        # α is clamped here in forward (a zero range has no gra
 SCALE_EPS = torch.finfo(torch.float32).eps
 #: Roles of activations (the feature path, counted in ``avg_bits``); the others are parameters.
 ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "score")
+#: Layers whose input at index 0 is the raw node features (``quant.quantize_raw_input``).
+RAW_INPUT_KINDS = ("gcn", "gin", "gat")
 #: The roles each kind of layer uses (``prop``: one SMP/APPNP propagation step).
 KIND_ROLES = {
     "linear": ("input", "weight", "feature"),
@@ -100,6 +102,7 @@ class SmoothnessConfig:
     reinit_every: int = 0
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    quantize_raw_input: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -466,7 +469,10 @@ class Smoothness:
             self._sharing_sites.clear()
         if share:
             self._sharing_sites.add(spec.name)
-        return {role: self._quantizer(role, share) for role in KIND_ROLES[spec.kind]}
+        roles = KIND_ROLES[spec.kind]
+        if spec.kind in RAW_INPUT_KINDS and spec.index == 0 and not self.cfg.quantize_raw_input:
+            roles = tuple(r for r in roles if r != "input")
+        return {role: self._quantizer(role, share) for role in roles}
 
     def _quantizer(self, role: str, share: bool) -> QLRQuantizer:
         alpha, owns = None, True
