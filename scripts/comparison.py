@@ -106,7 +106,8 @@ def _provisional(runs: list[dict]) -> str:
     """On fewer than 10 runs, which ones the verdict rests on."""
     if len(runs) >= 10:
         return ""
-    return f" (provisional: runs {', '.join(str(k) for k in sorted(r['run'] for r in runs))} of 10)"
+    kept = ", ".join(str(k) for k in sorted(r["run"] for r in runs))
+    return f" (provisional: run{'s' if len(runs) > 1 else ''} {kept} of 10)"
 
 
 def dq8_check(row: str) -> str:
