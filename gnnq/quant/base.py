@@ -130,6 +130,12 @@ class LayerSpec:
     num_nodes: Optional[int] = None  # node level: nodes of the (single) graph
     heads: int = 1
 
+    @property
+    def reads_raw_features(self) -> bool:
+        """The first message-passing layer, whose input is the raw node features (what the
+        methods' ``quant.quantize_raw_input`` switches)."""
+        return self.kind in ("gcn", "gin", "gat") and self.index == 0
+
 
 @dataclass(frozen=True)
 class BitCost:

@@ -409,7 +409,8 @@ class DegreeQuant:
     def __call__(self, spec: LayerSpec) -> dict[str, Quantizer]:
         act, weight = self._activation, self._weight
         roles: dict[str, Quantizer] = {}
-        if spec.kind in ("gcn", "gat", "gin") and (spec.index > 0 or self.cfg.quantize_raw_input):
+        if spec.kind in ("gcn", "gat", "gin") and (not spec.reads_raw_features
+                                                    or self.cfg.quantize_raw_input):
             roles["input"] = act()
         if spec.kind in ("gcn", "gat"):
             roles.update(weight=weight(), feature=act())

@@ -75,8 +75,6 @@ ALPHA_MIN = 1e-3        # α is clamped here in forward (a zero range has no gra
 SCALE_EPS = torch.finfo(torch.float32).eps
 #: Roles of activations (the feature path, counted in ``avg_bits``); the others are parameters.
 ACTIVATION_ROLES = ("input", "feature", "message", "aggregate", "update", "score")
-#: Layers whose input at index 0 is the raw node features (``quant.quantize_raw_input``).
-RAW_INPUT_KINDS = ("gcn", "gin", "gat")
 #: The roles each kind of layer uses (``prop``: one SMP/APPNP propagation step).
 KIND_ROLES = {
     "linear": ("input", "weight", "feature"),
@@ -470,7 +468,7 @@ class Smoothness:
         if share:
             self._sharing_sites.add(spec.name)
         roles = KIND_ROLES[spec.kind]
-        if spec.kind in RAW_INPUT_KINDS and spec.index == 0 and not self.cfg.quantize_raw_input:
+        if spec.reads_raw_features and not self.cfg.quantize_raw_input:
             roles = tuple(r for r in roles if r != "input")
         return {role: self._quantizer(role, share) for role in roles}
 
