@@ -77,6 +77,8 @@ def main() -> None:
     restore_jobs()
     if not args.table_only:
         for name in args.only:  # asked for by name: rerun even if finished
+            if (OUT / name).is_symlink():  # another script's job (common.SAME_JOBS): keep it
+                (OUT / name).unlink()
             shutil.rmtree(OUT / name, ignore_errors=True)
         run_all([(OUT / name, [f"+experiment={name}", *args.overrides], SHARDS.get(name, 1))
                  for name in args.only])

@@ -9,7 +9,8 @@ unfinished job `run<k>/summary.json`; readers pool them.
 outputs/ is scratch (checkpoints, logs) and stays out of git, so each finished job's record
 (summary, config, analysis numbers) is also kept in results/jobs/ under the same relative path.
 A script restores those records into outputs/ before it starts (`restore_jobs`), so a fresh
-clone rebuilds every table, skips every finished job, and a long job set (10 GIN-REDDIT-BINARY
+clone rebuilds every table, skips every finished job (a job two scripts share, SAME_JOBS, is
+kept once and linked from the other), and a long job set (10 GIN-REDDIT-BINARY
 folds per method) can be finished over several machines. Every job is launched with
 `resume=true`: one killed mid-run (a machine or session that ended) continues from the
 snapshot it left in its folder, to the same result it would have reached uninterrupted.
@@ -38,6 +39,12 @@ RECORD = ("summary.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "analys
 # quantized SMP on Coauthor CS): each run is its own process and is kept (results/jobs/)
 # even if the machine goes mid-job.
 RUN_SHARDS = 10
+# The comparison's rows; its FP32 and A²Q cells there are the very jobs scripts/baselines.py
+# and scripts/a2q.py run (`+experiment=fp32_<row>`, `+experiment=a2q_<row>`, same runs).
+COMPARISON_ROWS = ("gcn_cora", "gcn_citeseer", "gat_cora", "gin_reddit_binary")
+SAME_JOBS = [pair for row in COMPARISON_ROWS for pair in (
+    (f"baselines/fp32_{row}", f"comparison/{row}/fp32"),
+    (f"a2q/a2q_{row}", f"comparison/{row}/a2q"))]
 
 
 def gnnq_command() -> list[str]:
@@ -83,7 +90,20 @@ def restore_jobs() -> list[Path]:
         if not (part / "summary.json").exists():
             shutil.copytree(summary.parent, part, dirs_exist_ok=True)
             restored.append(part)
+    link_same_jobs()
     return restored
+
+
+def link_same_jobs() -> None:
+    """For each pair of SAME_JOBS where one script's folder exists and the other's does not,
+    link the missing one to it: a job trained (or begun) by one script is read, finished and
+    archived in its folder only, never trained twice."""
+    for pair in SAME_JOBS:
+        first, second = (OUTPUTS / name for name in pair)
+        for home, link in ((first, second), (second, first)):
+            if home.is_dir() and not home.is_symlink() and not os.path.lexists(link):
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(home.resolve())
 
 
 def missing_runs(folder: Path, runs: int) -> list[int]:

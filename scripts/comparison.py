@@ -21,11 +21,10 @@ fp32_*, dq_int8_*, dq_int4_*, a2q_*; the smoothness-aware rows are the FP32 pres
 mean pooling and FP32 degree feature every other quantized row has (QLR_MODEL). Nothing is
 chosen on test.
 
-Two GIN-REDDIT-BINARY cells are jobs that other results scripts run with the same preset on
-the same folds (FP32: scripts/baselines.py, A²Q: scripts/a2q.py). Where those have finished
-and this script has none of its own, their output folders are logged into this store with
-`gnnq log` instead of being trained again (about 4 and 6 core-hours); otherwise they are
-trained here like every other cell.
+The FP32 and A²Q cells are the jobs that scripts/baselines.py and scripts/a2q.py run with the
+same presets on the same seeds and folds (common.SAME_JOBS): whichever script began one holds
+its folder and record, and the other links to it instead of training it again (on
+GIN-REDDIT-BINARY about 4 and 7 core-hours).
 """
 
 from __future__ import annotations
@@ -34,15 +33,15 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command, job_folders,
-                    missing_runs, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
+from common import (COMPARISON_ROWS, OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command,
+                    job_folders, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
 OUT = OUTPUTS / "comparison"
 STORE = f"sqlite:///{OUT / 'mlflow.db'}"
 RESULTS = ROOT / "results"
-ROWS = ("gcn_cora", "gcn_citeseer", "gat_cora", "gin_reddit_binary")
+ROWS = COMPARISON_ROWS
 # The FP32 GIN sums its nodes before the readout. Quantized, that input spans graphs of 6 to
 # 3782 nodes: DQ-INT4 stalled on it (results/comparison_notes.md) and both quantized presets
 # pool by mean, as their authors' models do, and keep the degree feature FP32; QLR gets the
@@ -59,9 +58,6 @@ METHODS = {
     "QLR-INT2-BT*": lambda row: [f"+experiment=fp32_{row}", "+quant=smoothness", "quant.bits=2",
                                  "quant.truncation=btstar", *QLR_MODEL.get(row, [])],
 }
-# (row, method) -> the other script's folder of the identical job (module docstring)
-SHARED_JOBS = {("gin_reddit_binary", "FP32"): OUTPUTS / "baselines" / "fp32_gin_reddit_binary",
-               ("gin_reddit_binary", "A²Q"): OUTPUTS / "a2q" / "a2q_gin_reddit_binary"}
 DQ8_MAX_DROP = 1.5   # DQ-INT8 within this many pp of FP32 on every row
 DQ4_REDDIT_MIN = 85.0
 
@@ -74,15 +70,6 @@ def jobs(rows: list[str], methods: list[str]) -> list[tuple[Path, list[str], int
     return [(folder(row, method), [*METHODS[method](row), "tracking=none"],
              RUN_SHARDS if "reddit" in row else 1)
             for row in rows for method in methods]
-
-
-def link_shared_jobs(rows: list[str]) -> None:
-    """Link the other scripts' finished jobs of SHARED_JOBS here, for cells with no job here."""
-    for (row, method), source in SHARED_JOBS.items():
-        here = folder(row, method)
-        if row in rows and not here.exists() and not missing_runs(source, 10):
-            here.parent.mkdir(parents=True, exist_ok=True)
-            here.symlink_to(source.resolve())
 
 
 def log_jobs(rows: list[str]) -> None:
@@ -206,7 +193,6 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in args.rows if not (args.skip_reddit and "reddit" in r)]
     restore_jobs()
-    link_shared_jobs(list(ROWS))
     if not args.report_only:
         run_all(jobs(rows, args.methods), args.parallel)
     log_jobs(list(ROWS))

@@ -75,6 +75,29 @@ def test_a_missing_run_is_added_as_its_own_part_and_archived_with_the_rest(tree)
     assert not (kept / "shard0" / "analysis" / "bit_histograms.png").exists()
 
 
+def test_a_job_two_scripts_share_is_kept_once_and_linked_from_the_other(tree, monkeypatch):
+    home = common.OUTPUTS / "comparison" / "gcn_cora" / "a2q"
+    (home / "shard0").mkdir(parents=True)
+    summary = {"runs": [{"run": 0, "test": 50.0}, {"run": 1, "test": 60.0}], "seconds": 1.0,
+               "error": None}
+    (home / "shard0" / "summary.json").write_text(json.dumps(summary))
+    common.archive(home)
+    shutil.rmtree(common.OUTPUTS)  # a fresh clone
+
+    common.restore_jobs()
+    other = common.OUTPUTS / "a2q" / "a2q_gcn_cora"
+    assert other.is_symlink() and other.resolve() == home.resolve()
+    assert not (common.OUTPUTS / "baselines").exists()  # no side of the FP32 cell exists
+
+    def no_launch(*args):
+        raise AssertionError(f"launched {args}")
+
+    monkeypatch.setattr(common, "launch", no_launch)
+    common.run_all([(other, FAST, 1, 2)])  # finished in its home: not trained again
+    assert common.pooled_runs(other) == summary["runs"]
+    assert not (common.ARCHIVE / "a2q").exists()  # its record stays in one place
+
+
 def _runs(*indices):
     return [{"run": k} for k in indices]
 
