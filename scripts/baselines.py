@@ -50,6 +50,7 @@ def table(names: list[str]) -> str:
     for name in names:
         parts = summaries(OUT / name)
         if not parts:
+            rows.append(f"| `{name}` | not run yet |" + " |" * 9)
             continue
         runs = [r for part in parts for r in part["runs"]]
         floor, ref = EXPERIMENTS[name]
@@ -93,9 +94,9 @@ stratified 10-fold CV (REDDIT-BINARY: fold k tests, fold k-1 validates). Accurac
 "test @ best val" is the test accuracy of the epoch with the best validation accuracy (first
 such epoch); "best test over epochs" is the official A²Q code's protocol (optimistic: it selects
 on test). "epochs" is the number trained per run (no early stopping); "s/run" is wall time per
-run, measured while other jobs shared the cores (an upper bound). REDDIT-BINARY's folds and
-GAT-Coauthor-CS's seeds ran as two parallel jobs of 5
-(`first_run=0/5 runs=5`), pooled; their s/run counts both jobs' time. Measured on the development machine: 2 CPU cores, no GPU, {machine(OUT / n for n in EXPERIMENTS)}.
+run, measured while other jobs shared the cores (an upper bound). A job run as parallel parts
+(`first_run`/`runs`: REDDIT-BINARY's folds, GAT-Coauthor-CS's seeds) is pooled; its s/run
+counts every part's time. Measured on the development machine: 2 CPU cores, no GPU, {machine(OUT / n for n in EXPERIMENTS)}.
 
 {body}
 """
