@@ -50,7 +50,7 @@ def table(names: list[str]) -> str:
     for name in names:
         parts = summaries(OUT / name)
         if not parts:
-            rows.append(f"| `{name}` | not run yet |" + " |" * 9)
+            rows.append(f"| `{name}` | not run yet |" + " |" * (rows[0].count("|") - 3))
             continue
         runs = [r for part in parts for r in part["runs"]]
         floor, ref = EXPERIMENTS[name]

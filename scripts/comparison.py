@@ -33,15 +33,15 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import (COMPARISON_ROWS, OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command,
-                    job_folders, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
+from common import COMPARISON_ROWS as ROWS
+from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command, job_folders, on_common_runs,
+                    pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
 OUT = OUTPUTS / "comparison"
 STORE = f"sqlite:///{OUT / 'mlflow.db'}"
 RESULTS = ROOT / "results"
-ROWS = COMPARISON_ROWS
 # The FP32 GIN sums its nodes before the readout. Quantized, that input spans graphs of 6 to
 # 3782 nodes: DQ-INT4 stalled on it (results/comparison_notes.md) and both quantized presets
 # pool by mean, as their authors' models do, and keep the degree feature FP32; QLR gets the
