@@ -103,13 +103,14 @@ def test_multirun_with_cfg_is_a_clean_error(tmp_path):
 
 def test_train_synthetic_writes_summary_and_checkpoints(tmp_path):
     proc = run_gnnq("train", "dataset=synthetic", "runs=2", "tracking=none", *FAST,
-                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+                    f"hydra.run.dir={tmp_path}/out", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "test_acc" in proc.stdout and "avg_bits 32.00" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"]["runs_completed"] == 2
     assert summary["metrics"]["compression_ratio"] == 1.0
     assert {r["seed"] for r in summary["runs"]} == {0, 1}
+    assert summary["machine"]["threads"] == 1
     assert (tmp_path / "out" / "checkpoints" / "run1.pt").exists()
 
 

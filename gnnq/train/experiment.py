@@ -167,8 +167,9 @@ def _write_summary(output_dir: Path, config: TrainConfig, task, results: list[Ru
         "error": None if error is None else (str(error) or type(error).__name__),
         # the diverged run, epoch and last finished epoch's metrics (e.g. SMP's multiplier)
         "diverged": error.record() if isinstance(error, TrainingDiverged) else None,
+        # threads too: CPU float sums, and so the trained models, depend on the thread count
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "threads": torch.get_num_threads()},
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
