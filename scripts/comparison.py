@@ -33,9 +33,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from common import COMPARISON_ROWS as ROWS
-from common import (OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command, job_folders, on_common_runs,
-                    pooled_runs, restore_jobs, run_all, summaries)
+from common import (COMPARISON_ROWS as ROWS, OUTPUTS, ROOT, RUN_SHARDS, fmt, gnnq_command,
+                    job_folders, on_common_runs, pooled_runs, restore_jobs, run_all, summaries)
 
 from gnnq.train.metrics import mean_std
 
