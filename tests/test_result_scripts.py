@@ -220,3 +220,32 @@ def test_the_multiplier_table_retrains_only_the_missing_run0_checkpoints(tmp_pat
     assert smoothness.run_zero({"val": 84.8, "test": 81.8}, kept) == \
         "84.80 / 81.80 (kept record: 84.00 / 81.70)"
     assert smoothness.run_zero({"val": 84.0, "test": 81.7}, kept) == "84.00 / 81.70"
+
+
+def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, monkeypatch):
+    monkeypatch.setattr(smoothness, "OUT", tmp_path)
+
+    def record(name: str, val: float, test: float) -> None:
+        runs = [{"run": r, "val": val + r, "test": test + r, "best_test": test + r + 1}
+                for r in range(2)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"runs": runs,
+                                                                  "seconds": 1.0}))
+
+    record("smooth_smp_cora_int4-appnp", 80.0, 80.0)
+    # (η_λ, bounded) -> (val, test): the best test sits on a row validation ranks lower
+    scores = {(1e-5, False): (82.0, 80.0), (1e-5, True): (82.0, 79.0),
+              (1e-4, True): (83.0, 80.5), (1e-3, True): (81.0, 85.0)}
+    assert set(scores) == set(smoothness.MULTIPLIER_GRID)
+    for (lr, bounded), (val, test) in scores.items():
+        record(smoothness.multiplier_job("int4", lr, bounded)[0], val, test)
+    table, picked = smoothness.multiplier_selection()
+    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 82.00 ± 0.71 | 2 "
+            "| ✔ |") in table
+    assert table.count("✔") == 1  # INT2-BT* has no records: nothing selected there
+    assert picked == ["INT4: η_λ = 0.0001, |λ| ≤ 2.5, SMP − APPNP = +0.50 pp"]
+    # equal validation means: the released pair, listed first, is kept
+    shutil.rmtree(tmp_path / smoothness.multiplier_job("int4", 1e-4, True)[0])
+    record(smoothness.multiplier_job("int4", 1e-4, True)[0], 81.0, 80.5)
+    assert smoothness.multiplier_selection()[1] == [
+        "INT4: η_λ = 1e-05, unbounded, SMP − APPNP = +0.00 pp"]
