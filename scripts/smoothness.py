@@ -208,6 +208,16 @@ def gap(a: Optional[dict], b: Optional[dict]) -> str:
     return "–" if x is None or y is None else f"{x - y:+.2f}"
 
 
+def splits_ahead(a: Optional[dict], b: Optional[dict]) -> str:
+    """On how many of the splits both jobs ran a's test accuracy is above b's, and below
+    (runs paired by index: run r of every preset uses seed r, hence the same split)."""
+    if a is None or b is None:
+        return "–"
+    other = {r["run"]: r["test"] for r in b["runs"]}
+    pairs = [(r["test"], other[r["run"]]) for r in a["runs"] if r["run"] in other]
+    return f"{sum(x > y for x, y in pairs)} / {sum(x < y for x, y in pairs)}"
+
+
 def cora_table() -> tuple[str, list[str]]:
     rows = ["| bits | SMP: test @ best val | APPNP: test @ best val | SMP − APPNP | "
             "SMP: best test | APPNP: best test | avg bits | compression | floor (SMP) | "
@@ -289,8 +299,8 @@ def multiplier_selection() -> tuple[str, list[str]]:
     """The grid's table (validation first: it is what selects) and, per width, the selected
     setting's lead over APPNP."""
     rows = ["| bits | η_λ | \\|λ\\| bound | SMP: val @ best val | SMP: test @ best val | "
-            "SMP − APPNP | SMP: best test | runs | selected |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "SMP − APPNP | splits SMP ahead / behind | SMP: best test | runs | selected |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     picked = []
     for suffix in SMP_AHEAD:
         label = CORA[suffix][0]
@@ -306,7 +316,8 @@ def multiplier_selection() -> tuple[str, list[str]]:
             bound = f"{MULTIPLIER_BOUND:g}" if bounded else "–"
             rows.append(f"| {label} | {lr:g} | {bound} | "
                         f"{cell(smp, 'val')} | {cell(smp)} | {gap(smp, appnp)} | "
-                        f"{cell(smp, 'best_test')} | {n} | {'✔' if point is best else ''} |")
+                        f"{splits_ahead(smp, appnp)} | {cell(smp, 'best_test')} | {n} | "
+                        f"{'✔' if point is best else ''} |")
         if best is not None and len(done) == len(grid):
             picked.append(f"{label}: η_λ = {best[0]:g}"
                           f"{f', |λ| ≤ {MULTIPLIER_BOUND:g}' if best[1] else ', unbounded'}, "

@@ -240,8 +240,9 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     for (lr, bounded), (val, test) in scores.items():
         record(smoothness.multiplier_job("int4", lr, bounded)[0], val, test)
     table, picked = smoothness.multiplier_selection()
-    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 82.00 ± 0.71 | 2 "
-            "| ✔ |") in table
+    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0 | 82.00 ± 0.71 "
+            "| 2 | ✔ |") in table
+    assert "| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2 |" in table
     assert table.count("✔") == 1  # INT2-BT* has no records: nothing selected there
     assert picked == ["INT4: η_λ = 0.0001, |λ| ≤ 2.5, SMP − APPNP = +0.50 pp"]
     # equal validation means: the released pair, listed first, is kept
