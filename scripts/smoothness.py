@@ -21,6 +21,7 @@ one setting per width is picked by mean validation accuracy alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from pathlib import Path
 from typing import Optional
@@ -464,6 +465,9 @@ def trace_jobs() -> list[tuple[str, str, tuple[str, list[str]]]]:
               for k in (16, 32, 64)]
     jobs_ += [(CORA[suffix][0], "10, official code's forms (correction 2αλ·ÃΔ)",
                job(f"smooth_smp_cora_{suffix}", official=True)) for suffix in OFFICIAL_BITS]
+    jobs_ += [(CORA[suffix][0], f"10, η_λ = {lr:g}, \\|λ\\| ≤ {MULTIPLIER_BOUND:g}",
+               multiplier_job(suffix, lr, bounded)) for suffix in SMP_AHEAD
+              for lr, bounded in MULTIPLIER_GRID if bounded]
     return jobs_
 
 
@@ -500,7 +504,8 @@ def multiplier_table() -> str:
         if not path.exists():
             continue
         saved = load_checkpoint(path)
-        model, task, _ = model_from_checkpoint(saved, path)
+        with contextlib.chdir(ROOT):  # relative data roots as the jobs see them (cwd ROOT)
+            model, task, _ = model_from_checkpoint(saved, path)
         with torch.no_grad():
             model(task.graph.x, task.graph.edge_index)
         prop = next(m for m in model.modules() if isinstance(m, SMPProp))
