@@ -240,13 +240,19 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     for (lr, bounded), (val, test) in scores.items():
         record(smoothness.multiplier_job("int4", lr, bounded)[0], val, test)
     table, picked = smoothness.multiplier_selection()
-    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0 | 82.00 ± 0.71 "
-            "| 2 | ✔ |") in table
-    assert "| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2 |" in table
+    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0, 0.00, – | "
+            "82.00 ± 0.71 | 2 | ✔ |") in table
+    assert "| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2, 0.00, – |" in table
     assert table.count("✔") == 1  # INT2-BT* has no records: nothing selected there
-    assert picked == ["INT4: η_λ = 0.0001, |λ| ≤ 2.5, SMP − APPNP = +0.50 pp"]
+    assert picked == ["INT4: η_λ = 0.0001, |λ| ≤ 2.5, SMP − APPNP = +0.50 pp (< +1.0; splits "
+                      "ahead / behind, std, paired t: 2 / 0, 0.00, –)"]
     # equal validation means: the released pair, listed first, is kept
     shutil.rmtree(tmp_path / smoothness.multiplier_job("int4", 1e-4, True)[0])
     record(smoothness.multiplier_job("int4", 1e-4, True)[0], 81.0, 80.5)
-    assert smoothness.multiplier_selection()[1] == [
-        "INT4: η_λ = 1e-05, unbounded, SMP − APPNP = +0.00 pp"]
+    assert smoothness.multiplier_selection()[1][0].startswith(
+        "INT4: η_λ = 1e-05, unbounded, SMP − APPNP = +0.00 pp (< +1.0;")
+    # a paired t where the differences vary: +2 and +4 pp, std 1.41, t = 3 / (1.41 / √2) = 3
+    appnp = {"runs": [{"run": 0, "test": 80.0}, {"run": 1, "test": 80.0}]}
+    smp = {"runs": [{"run": 1, "test": 84.0}, {"run": 0, "test": 82.0}, {"run": 2, "test": 1.0}]}
+    assert smoothness.paired(smp, appnp) == "2 / 0, 1.41, +3.00"
+    assert smoothness.paired(smp, None) == "–"
