@@ -251,9 +251,9 @@ def gap(a: Optional[dict], b: Optional[dict]) -> str:
 
 
 def paired(a: Optional[dict], b: Optional[dict]) -> str:
-    """a − b in test accuracy split by split (runs paired by index: run r of every preset
-    uses seed r, hence the same split): the splits where a is ahead / behind, the differences'
-    sample std and the paired t statistic; "–" with fewer than two common splits."""
+    """a − b in test accuracy split by split (runs paired by index: run r of two jobs with the
+    same `seed` uses seed + r, hence the same split): the splits where a is ahead / behind, the
+    differences' sample std and the paired t statistic; "–" with fewer than two common splits."""
     other = {r["run"]: r["test"] for r in (b or {}).get("runs", [])}
     diffs = [r["test"] - other[r["run"]] for r in (a or {}).get("runs", []) if r["run"] in other]
     if len(diffs) < 2:
@@ -359,7 +359,7 @@ def multiplier_selection() -> tuple[str, list[str]]:
                         f"{cell(smp, 'val')} | {cell(smp)} | {gap(smp, appnp)} | "
                         f"{paired(smp, appnp)} | {cell(smp, 'best_test')} | {n} | "
                         f"{'✔' if (lr, bounded) == chosen else ''} |")
-        if chosen is not None and appnp is not None:
+        if chosen is not None and mean_of(appnp) is not None:
             best = summary(multiplier_job(suffix, *chosen)[0])
             lead = mean_of(best) - mean_of(appnp)
             picked.append(f"{label}: {setting(chosen)}, SMP − APPNP = {lead:+.2f} pp "
@@ -370,6 +370,7 @@ def multiplier_selection() -> tuple[str, list[str]]:
 
 
 def setting(point: tuple[float, bool]) -> str:
+    """A grid point in words, e.g. "η_λ = 1e-05, |λ| ≤ 2.5"."""
     lr, bounded = point
     return f"η_λ = {lr:g}, " + (f"|λ| ≤ {MULTIPLIER_BOUND:g}" if bounded else "unbounded")
 
@@ -387,7 +388,8 @@ def confirmation_table() -> tuple[str, list[str]]:
         smp = summary(multiplier_job(suffix, *chosen, seed=CONFIRM_SEED)[0])
         appnp = summary(job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED)[0])
         n = "/".join("–" if s is None else str(len(s["runs"])) for s in (smp, appnp))
-        rows.append(f"| {CORA[suffix][0]} | {setting(chosen).replace('|', chr(92) + '|')} | "
+        escaped = setting(chosen).replace("|", "\\|")  # Markdown: bars inside a cell
+        rows.append(f"| {CORA[suffix][0]} | {escaped} | "
                     f"{cell(smp)} | {cell(appnp)} | {gap(smp, appnp)} | {paired(smp, appnp)} | "
                     f"{cell(smp, 'best_test')} | {cell(appnp, 'best_test')} | {n} |")
         if mean_of(smp) is not None and mean_of(appnp) is not None:
