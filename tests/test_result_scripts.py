@@ -243,8 +243,9 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     assert smoothness.confirmation_jobs() == []  # not before every grid point has run
     record(smoothness.multiplier_job("int4", 1e-3, True)[0], 81.0, 85.0)
     table, picked = smoothness.multiplier_selection()
-    # the selected setting and APPNP again, on the splits of seeds 10-19
+    # the released and the selected setting and APPNP again, on the splits of seeds 10-19
     assert smoothness.confirmation_jobs() == [
+        ("smooth_smp_cora_int4-seed10", ["+experiment=smooth_smp_cora_int4", "seed=10"]),
         ("smooth_smp_cora_int4-seed10-eta0.0001-bounded",
          ["+experiment=smooth_smp_cora_int4", "seed=10", "model.multiplier_lr=0.0001",
           "model.multiplier_bound=2.5"]),
@@ -253,7 +254,7 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     record("smooth_smp_cora_int4-seed10-appnp", 70.0, 79.0)
     assert smoothness.confirmation_table()[1] == []  # SMP not confirmed yet
     record("smooth_smp_cora_int4-seed10-eta0.0001-bounded", 70.0, 80.0)
-    assert smoothness.confirmation_table()[1] == ["INT4: SMP − APPNP = +1.00 pp (≥ +1.0)"]
+    assert smoothness.confirmation_table()[1] == ["INT4 selected: SMP − APPNP = +1.00 pp (≥ +1.0)"]
     assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0, 0.00, – | "
             "82.00 ± 0.71 | 2 | ✔ |") in table
     assert "| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2, 0.00, – |" in table
@@ -270,3 +271,4 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     smp = {"runs": [{"run": 1, "test": 84.0}, {"run": 0, "test": 82.0}, {"run": 2, "test": 1.0}]}
     assert smoothness.paired(smp, appnp) == "2 / 0, 1.41, +3.00"
     assert smoothness.paired(smp, None) == "–"
+    assert smoothness.paired(None, None, [2.0, 4.0]) == "2 / 0, 1.41, +3.00"  # pooled splits
