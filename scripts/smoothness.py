@@ -165,19 +165,26 @@ def selected_point(suffix: str) -> Optional[tuple[float, bool]]:
     return MULTIPLIER_GRID[scores.index(max(scores))]
 
 
-def confirmed_points(suffix: str) -> list[tuple[float, bool]]:
-    """The grid points rerun on the fresh splits: the released pair and the selected one (once
-    the whole grid has run; none before)."""
+def confirmed_points(suffix: str) -> dict[tuple[float, bool], str]:
+    """The grid points rerun on the fresh splits and their role: the released pair and the
+    selected one (once the whole grid has run; none before)."""
     chosen = selected_point(suffix)
-    return [] if chosen is None else list(dict.fromkeys((MULTIPLIER_GRID[0], chosen)))
+    if chosen is None:
+        return {}
+    released = MULTIPLIER_GRID[0]
+    return ({released: "released and selected"} if chosen == released
+            else {released: "released", chosen: "selected"})
 
 
 def confirmation_jobs() -> list[tuple[str, list[str]]]:
     """Those points and APPNP on the fresh splits, for each width selected so far."""
-    return [pair for suffix in SMP_AHEAD if confirmed_points(suffix)
-            for pair in (*(multiplier_job(suffix, *point, seed=CONFIRM_SEED)
-                           for point in confirmed_points(suffix)),
-                         job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED))]
+    pairs = []
+    for suffix in SMP_AHEAD:
+        points = confirmed_points(suffix)
+        if points:
+            pairs += [*(multiplier_job(suffix, *point, seed=CONFIRM_SEED) for point in points),
+                      job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED)]
+    return pairs
 
 
 def jobs(group: str) -> list[tuple[str, list[str]]]:
@@ -253,9 +260,20 @@ def mean_of(s: Optional[dict], key: str = "test") -> Optional[float]:
     return mean_std(r[key] for r in s["runs"])[0]
 
 
-def gap(a: Optional[dict], b: Optional[dict]) -> str:
+def lead(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    """a's mean minus b's; None if either has none."""
     x, y = mean_of(a), mean_of(b)
-    return "–" if x is None or y is None else f"{x - y:+.2f}"
+    return None if x is None or y is None else x - y
+
+
+def gap(a: Optional[dict], b: Optional[dict]) -> str:
+    d = lead(a, b)
+    return "–" if d is None else f"{d:+.2f}"
+
+
+def against_target(suffix: str, ahead: float) -> str:
+    """SMP's lead over APPNP at this width, as "≥ +1.0" or "< +1.0"."""
+    return f"{'≥' if ahead >= SMP_AHEAD[suffix] else '<'} +{SMP_AHEAD[suffix]:.1f}"
 
 
 def differences(a: Optional[dict], b: Optional[dict]) -> list[float]:
@@ -291,11 +309,10 @@ def cora_table() -> tuple[str, list[str]]:
             verdict = f"≥ {floor} {'✅' if ok else '❌'}"
             if not ok:
                 misses.append(f"Cora {label}: {mean_of(smp):.2f} < {floor}")
-        if suffix in SMP_AHEAD and smp is not None and appnp is not None:
-            ahead = mean_of(smp) - mean_of(appnp)
-            if ahead < SMP_AHEAD[suffix]:
-                misses.append(f"Cora {label}: SMP − APPNP = {ahead:+.2f} pp < "
-                              f"+{SMP_AHEAD[suffix]:.1f}")
+        ahead = lead(smp, appnp)
+        if suffix in SMP_AHEAD and ahead is not None and ahead < SMP_AHEAD[suffix]:
+            misses.append(f"Cora {label}: SMP − APPNP = {ahead:+.2f} pp "
+                          f"{against_target(suffix, ahead)}")
         bits = "–" if smp is None else f"{smp['metrics']['avg_bits']:.1f}"
         ratio = "–" if smp is None else f"{smp['metrics']['compression_ratio']:.1f}×"
         n = "–" if smp is None else str(len(smp["runs"]))
@@ -372,13 +389,12 @@ def multiplier_selection() -> tuple[str, list[str]]:
                         f"{cell(smp, 'val')} | {cell(smp)} | {gap(smp, appnp)} | "
                         f"{paired(smp, appnp)} | {cell(smp, 'best_test')} | {n} | "
                         f"{'✔' if (lr, bounded) == chosen else ''} |")
-        if chosen is not None and mean_of(appnp) is not None:
-            best = summary(multiplier_job(suffix, *chosen)[0])
-            lead = mean_of(best) - mean_of(appnp)
-            picked.append(f"{label}: {setting(chosen)}, SMP − APPNP = {lead:+.2f} pp "
-                          f"({'≥' if lead >= SMP_AHEAD[suffix] else '<'} "
-                          f"+{SMP_AHEAD[suffix]:.1f}; splits ahead / behind, std, paired t: "
-                          f"{paired(best, appnp)})")
+        best = None if chosen is None else summary(multiplier_job(suffix, *chosen)[0])
+        ahead = lead(best, appnp)
+        if ahead is not None:
+            picked.append(f"{label}: {setting(chosen)}, SMP − APPNP = {ahead:+.2f} pp "
+                          f"({against_target(suffix, ahead)}; splits ahead / behind, std, "
+                          f"paired t: {paired(best, appnp)})")
     return "\n".join(rows), picked
 
 
@@ -396,28 +412,23 @@ def confirmation_table() -> tuple[str, list[str]]:
             "|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for suffix in SMP_AHEAD:
-        chosen = selected_point(suffix)
         appnp = summary(job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED)[0])
         appnp_first = summary(job(f"smooth_smp_cora_{suffix}", "appnp")[0])  # seeds 0-9
-        for point in confirmed_points(suffix):
+        for point, role in confirmed_points(suffix).items():
             smp = summary(multiplier_job(suffix, *point, seed=CONFIRM_SEED)[0])
             both = [*differences(summary(multiplier_job(suffix, *point)[0]), appnp_first),
                     *differences(smp, appnp)]
             pooled = "–" if not both else (f"{sum(both) / len(both):+.2f} "
                                            f"({paired(None, None, both)})")
             n = "/".join("–" if s is None else str(len(s["runs"])) for s in (smp, appnp))
-            roles = [role for role, p in (("released", MULTIPLIER_GRID[0]), ("selected", chosen))
-                     if p == point]
-            # Markdown: bars inside a cell
-            name = f"{setting(point)} ({' and '.join(roles)})".replace("|", "\\|")
+            name = f"{setting(point)} ({role})".replace("|", "\\|")  # bars inside a cell
             rows.append(f"| {CORA[suffix][0]} | {name} | {cell(smp)} | {cell(appnp)} | "
                         f"{gap(smp, appnp)} | {paired(smp, appnp)} | {cell(smp, 'best_test')} | "
                         f"{cell(appnp, 'best_test')} | {n} | {pooled} |")
-            if mean_of(smp) is not None and mean_of(appnp) is not None:
-                lead = mean_of(smp) - mean_of(appnp)
-                verdicts.append(f"{CORA[suffix][0]} {' and '.join(roles)}: SMP − APPNP = "
-                                f"{lead:+.2f} pp ({'≥' if lead >= SMP_AHEAD[suffix] else '<'} "
-                                f"+{SMP_AHEAD[suffix]:.1f})")
+            ahead = lead(smp, appnp)
+            if ahead is not None:
+                verdicts.append(f"{CORA[suffix][0]} {role}: SMP − APPNP = {ahead:+.2f} pp "
+                                f"({against_target(suffix, ahead)})")
     return ("\n".join(rows) if len(rows) > 2 else "(grid not complete)"), verdicts
 
 
