@@ -255,20 +255,35 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     assert smoothness.confirmation_table()[1] == []  # SMP not confirmed yet
     record("smooth_smp_cora_int4-seed10-eta0.0001-bounded", 70.0, 80.0)
     assert smoothness.confirmation_table()[1] == ["INT4 selected: SMP − APPNP = +1.00 pp (≥ +1.0)"]
-    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0, 0.00, – | "
+    assert smoothness.confirmation_table()[2] == ["INT4 selected: –"]  # +1 on both: no spread
+    assert ("| INT4 | 0.0001 | 2.5 | 83.50 ± 0.71 | 81.00 ± 0.71 | +0.50 | 2 / 0, 0.00, –, – | "
             "82.00 ± 0.71 | 2 | ✔ |") in table
-    assert "| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2, 0.00, – |" in table
+    assert ("| INT4 | 1e-05 | 2.5 | 82.50 ± 0.71 | 79.50 ± 0.71 | -1.00 | 0 / 2, 0.00, –, – |"
+            in table)
     assert table.count("✔") == 1  # INT2-BT* has no records: nothing selected there
     assert picked == ["INT4: η_λ = 0.0001, |λ| ≤ 2.5, SMP − APPNP = +0.50 pp (< +1.0; splits "
-                      "ahead / behind, std, paired t: 2 / 0, 0.00, –)"]
+                      "ahead / behind, std, paired t, 95 % CI: 2 / 0, 0.00, –, –)"]
     # equal validation means: the released pair, listed first, is kept
     shutil.rmtree(tmp_path / smoothness.multiplier_job("int4", 1e-4, True)[0])
     record(smoothness.multiplier_job("int4", 1e-4, True)[0], 81.0, 80.5)
     assert smoothness.multiplier_selection()[1][0].startswith(
         "INT4: η_λ = 1e-05, unbounded, SMP − APPNP = +0.00 pp (< +1.0;")
-    # a paired t where the differences vary: +2 and +4 pp, std 1.41, t = 3 / (1.41 / √2) = 3
+    # a paired t where the differences vary: +2 and +4 pp, std 1.41, t = 3 / (1.41 / √2) = 3;
+    # the 95 % interval is 3 ± t(0.975, 1 dof) · 1.41 / √2 = 3 ± 12.71
     appnp = {"runs": [{"run": 0, "test": 80.0}, {"run": 1, "test": 80.0}]}
     smp = {"runs": [{"run": 1, "test": 84.0}, {"run": 0, "test": 82.0}, {"run": 2, "test": 1.0}]}
-    assert smoothness.paired(smp, appnp) == "2 / 0, 1.41, +3.00"
+    assert smoothness.paired(smp, appnp) == "2 / 0, 1.41, +3.00, [-9.71, +15.71]"
     assert smoothness.paired(smp, None) == "–"
-    assert smoothness.paired(None, None, [2.0, 4.0]) == "2 / 0, 1.41, +3.00"  # pooled splits
+    assert smoothness.paired(None, None, [2.0, 4.0]) == "2 / 0, 1.41, +3.00, [-9.71, +15.71]"
+
+
+def test_the_interval_of_a_lead_says_where_the_target_lies():
+    # mean 2, std 0.2, 3 splits: 2 ± 4.303 · 0.2 / √3 = [1.50, 2.50]
+    low, high = smoothness.interval([1.8, 2.0, 2.2])
+    assert (round(low, 2), round(high, 2)) == (1.5, 2.5)
+    assert smoothness.interval([1.0, 1.0]) is None and smoothness.interval([3.0]) is None
+    assert smoothness.interval_verdict("int4", [1.8, 2.0, 2.2]) == (
+        "[+1.50, +2.50] over 3 splits, wholly above +1.0")
+    assert smoothness.interval_verdict("int4", [-0.2, 0.0, 0.2]).endswith("wholly below +1.0")
+    assert smoothness.interval_verdict("int2_btstar", [2.0, 4.0]) == (
+        "[-9.71, +15.71] over 2 splits, contains +1.0")
