@@ -296,6 +296,11 @@ def interval(diffs: list[float], level: float = 0.95) -> Optional[tuple[float, f
     return mean - half, mean + half
 
 
+def bracket(ci: Optional[tuple[float, float]]) -> str:
+    """An interval as "[-0.40, +0.18]"; "–" for none."""
+    return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
 def paired(a: Optional[dict], b: Optional[dict], diffs: Optional[list[float]] = None) -> str:
     """The splits where a is ahead of / behind b, the differences' sample std, the paired t
     statistic and the 95 % confidence interval of the mean difference; "–" with fewer than
@@ -305,9 +310,8 @@ def paired(a: Optional[dict], b: Optional[dict], diffs: Optional[list[float]] = 
         return "–"
     mean, std = mean_std(diffs)
     t = f"{mean / (std / len(diffs) ** 0.5):+.2f}" if std > 0 else "–"
-    ci = interval(diffs)
-    ci = "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
-    return f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)}, {std:.2f}, {t}, {ci}"
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return f"{ahead} / {behind}, {std:.2f}, {t}, {bracket(interval(diffs))}"
 
 
 def interval_verdict(suffix: str, diffs: list[float]) -> str:
@@ -319,7 +323,7 @@ def interval_verdict(suffix: str, diffs: list[float]) -> str:
     target = SMP_AHEAD[suffix]
     where = ("wholly below" if ci[1] < target else "wholly above" if ci[0] >= target
              else "contains")
-    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}] over {len(diffs)} splits, {where} +{target:.1f}"
+    return f"{bracket(ci)} over {len(diffs)} splits, {where} +{target:.1f}"
 
 
 def cora_table() -> tuple[str, list[str]]:
@@ -448,20 +452,22 @@ def confirmation_table() -> tuple[str, list[str], list[str]]:
         appnp_first = summary(job(f"smooth_smp_cora_{suffix}", "appnp")[0])  # seeds 0-9
         for point, role in confirmed_points(suffix).items():
             smp = summary(multiplier_job(suffix, *point, seed=CONFIRM_SEED)[0])
+            fresh = differences(smp, appnp)
             both = [*differences(summary(multiplier_job(suffix, *point)[0]), appnp_first),
-                    *differences(smp, appnp)]
+                    *fresh]
             pooled = "–" if not both else (f"{sum(both) / len(both):+.2f} "
                                            f"({paired(None, None, both)})")
             n = "/".join("–" if s is None else str(len(s["runs"])) for s in (smp, appnp))
             name = f"{setting(point)} ({role})".replace("|", "\\|")  # bars inside a cell
             rows.append(f"| {CORA[suffix][0]} | {name} | {cell(smp)} | {cell(appnp)} | "
-                        f"{gap(smp, appnp)} | {paired(smp, appnp)} | {cell(smp, 'best_test')} | "
-                        f"{cell(appnp, 'best_test')} | {n} | {pooled} |")
+                        f"{gap(smp, appnp)} | {paired(None, None, fresh)} | "
+                        f"{cell(smp, 'best_test')} | {cell(appnp, 'best_test')} | {n} | "
+                        f"{pooled} |")
             ahead = lead(smp, appnp)
             if ahead is not None:
                 verdicts.append(f"{CORA[suffix][0]} {role}: SMP − APPNP = {ahead:+.2f} pp "
                                 f"({against_target(suffix, ahead)})")
-                unbiased = both if role == "released" else differences(smp, appnp)
+                unbiased = both if role == "released" else fresh
                 intervals.append(f"{CORA[suffix][0]} {role}: "
                                  f"{interval_verdict(suffix, unbiased)}")
     table = "\n".join(rows) if len(rows) > 2 else "(grid not complete)"
