@@ -299,6 +299,11 @@ def interval(diffs: list[float], level: float = 0.95) -> Optional[tuple[float, f
     return mean - half, mean + half
 
 
+def sentence(opening: str, items: list[str], empty: str = "") -> str:
+    """``opening`` and the items joined by "; ", ending in a full stop; ``empty`` for none."""
+    return opening + "; ".join(items) + "." if items else empty
+
+
 def bracket(ci: Optional[tuple[float, float]]) -> str:
     """An interval as "[-0.40, +0.18]"; "–" for none."""
     return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
@@ -741,7 +746,7 @@ no part in it. SMP − APPNP is against the Cora table's APPNP job.
 
 {grid}
 
-{"Selected on validation: " + "; ".join(picked) + "." if picked else "(grid not complete)"}
+{sentence("Selected on validation: ", picked, "(grid not complete)")}
 
 {MULTIPLIER_GRID_NOTE}
 
@@ -753,11 +758,11 @@ estimate it without bias). Fresh splits:
 
 {confirmed_table}
 
-{"On the fresh splits: " + "; ".join(confirmed) + "." if confirmed else ""}
+{sentence("On the fresh splits: ", confirmed)}
 
-{"95 % confidence intervals of SMP − APPNP (Student t), each over the splits that estimate "
- "it without bias (the released constants were selected on none, so all 20; the selected "
- "ones on the 10 fresh splits): " + "; ".join(intervals) + "." if intervals else ""}
+{sentence("95 % confidence intervals of SMP − APPNP (Student t), each over the splits that "
+          "estimate it without bias (the released constants were selected on none, so all 20; "
+          "the selected ones on the 10 fresh splits): ", intervals)}
 
 ## Our defaults vs the official code's forms (Cora, K = 10, 10 random splits)
 
@@ -793,13 +798,13 @@ to the correction.
     if notes:
         text += "\n" + "; ".join(notes) + ".\n"
     if misses:
-        text += "\nTargets missed (primary protocol, released constants): " + "; ".join(misses)
-        text += "." + ("" if not picked else " With the multiplier's constants selected on "
-                       "validation (section above): " + "; ".join(picked) + ".")
-        text += ("" if not confirmed else " On 10 fresh splits: "
-                 + "; ".join(confirmed) + ".")
-        text += ("" if not intervals else " 95 % intervals, each over the splits without "
-                 "selection bias: " + "; ".join(intervals) + ".") + "\n"
+        parts = (sentence("Targets missed (primary protocol, released constants): ", misses),
+                 sentence("With the multiplier's constants selected on validation (section "
+                          "above): ", picked),
+                 sentence("On 10 fresh splits: ", confirmed),
+                 sentence("95 % intervals, each over the splits without selection bias: ",
+                          intervals))
+        text += "\n" + " ".join(part for part in parts if part) + "\n"
     stale = earliest_tie_note([name for group in GROUPS for name, _ in jobs(group)])
     if stale:
         text += "\n" + stale + "\n"
