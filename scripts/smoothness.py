@@ -159,14 +159,25 @@ def multiplier_job(suffix: str, multiplier_lr: float, bounded: bool,
                else multiplier_lr)
 
 
-def selected_point(suffix: str) -> Optional[tuple[float, bool]]:
-    """The grid's (η_λ, bounded) with the highest mean validation accuracy at this width (the
-    first of equal means: the released pair is listed first); None until every point ran."""
-    scores = [mean_of(summary(multiplier_job(suffix, *point)[0]), "val")
-              for point in MULTIPLIER_GRID]
+def grid_summaries(suffix: str) -> dict[tuple[float, bool], Optional[dict]]:
+    """Each grid point's (η_λ, bounded) job summary at this width, in grid order (None: not
+    run)."""
+    return {point: summary(multiplier_job(suffix, *point)[0]) for point in MULTIPLIER_GRID}
+
+
+def best_on_validation(grid: dict[tuple[float, bool], Optional[dict]]
+                       ) -> Optional[tuple[float, bool]]:
+    """The point with the highest mean validation accuracy (the first of equal means: the
+    released pair is listed first); None until every point ran."""
+    scores = [mean_of(s, "val") for s in grid.values()]
     if None in scores:
         return None
-    return MULTIPLIER_GRID[scores.index(max(scores))]
+    return list(grid)[scores.index(max(scores))]
+
+
+def selected_point(suffix: str) -> Optional[tuple[float, bool]]:
+    """The grid's selection at this width, from the summaries as they are now."""
+    return best_on_validation(grid_summaries(suffix))
 
 
 def confirmed_points(suffix: str) -> dict[tuple[float, bool], str]:
@@ -421,16 +432,16 @@ def multiplier_selection() -> tuple[str, list[str]]:
     for suffix in SMP_AHEAD:
         label = CORA[suffix][0]
         appnp = summary(job(f"smooth_smp_cora_{suffix}", "appnp")[0])
-        chosen = selected_point(suffix)
-        for lr, bounded in MULTIPLIER_GRID:
-            smp = summary(multiplier_job(suffix, lr, bounded)[0])
+        grid = grid_summaries(suffix)
+        chosen = best_on_validation(grid)
+        for (lr, bounded), smp in grid.items():
             n = "–" if smp is None else str(len(smp["runs"]))
             bound = f"{MULTIPLIER_BOUND:g}" if bounded else "–"
             rows.append(f"| {label} | {lr:g} | {bound} | "
                         f"{cell(smp, 'val')} | {cell(smp)} | {gap(smp, appnp)} | "
                         f"{paired(smp, appnp)} | {cell(smp, 'best_test')} | {n} | "
                         f"{'✔' if (lr, bounded) == chosen else ''} |")
-        best = None if chosen is None else summary(multiplier_job(suffix, *chosen)[0])
+        best = grid.get(chosen)
         ahead = lead(best, appnp)
         if ahead is not None:
             picked.append(f"{label}: {setting(chosen)}, SMP − APPNP = {ahead:+.2f} pp "
