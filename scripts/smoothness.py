@@ -175,15 +175,10 @@ def best_on_validation(grid: dict[tuple[float, bool], Optional[dict]]
     return list(grid)[scores.index(max(scores))]
 
 
-def selected_point(suffix: str) -> Optional[tuple[float, bool]]:
-    """The grid's selection at this width, from the summaries as they are now."""
-    return best_on_validation(grid_summaries(suffix))
-
-
 def confirmed_points(suffix: str) -> dict[tuple[float, bool], str]:
     """The grid points rerun on the fresh splits and their role: the released pair and the
     selected one (once the whole grid has run; none before)."""
-    chosen = selected_point(suffix)
+    chosen = best_on_validation(grid_summaries(suffix))
     if chosen is None:
         return {}
     released = MULTIPLIER_GRID[0]
