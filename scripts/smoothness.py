@@ -175,10 +175,11 @@ def best_on_validation(grid: dict[tuple[float, bool], Optional[dict]]
     return list(grid)[scores.index(max(scores))]
 
 
-def confirmed_points(suffix: str) -> dict[tuple[float, bool], str]:
-    """The grid points rerun on the fresh splits and their role: the released pair and the
-    selected one (once the whole grid has run; none before)."""
-    chosen = best_on_validation(grid_summaries(suffix))
+def confirmed_points(grid: dict[tuple[float, bool], Optional[dict]]
+                     ) -> dict[tuple[float, bool], str]:
+    """The points of a width's grid (grid_summaries) rerun on the fresh splits and their role:
+    the released pair and the selected one (once the whole grid has run; none before)."""
+    chosen = best_on_validation(grid)
     if chosen is None:
         return {}
     released = MULTIPLIER_GRID[0]
@@ -190,7 +191,7 @@ def confirmation_jobs() -> list[tuple[str, list[str]]]:
     """Those points and APPNP on the fresh splits, for each width selected so far."""
     pairs = []
     for suffix in SMP_AHEAD:
-        points = confirmed_points(suffix)
+        points = confirmed_points(grid_summaries(suffix))
         if points:
             pairs += [*(multiplier_job(suffix, *point, seed=CONFIRM_SEED) for point in points),
                       job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED)]
@@ -464,11 +465,11 @@ def confirmation_table() -> tuple[str, list[str], list[str]]:
     for suffix in SMP_AHEAD:
         appnp = summary(job(f"smooth_smp_cora_{suffix}", "appnp", seed=CONFIRM_SEED)[0])
         appnp_first = summary(job(f"smooth_smp_cora_{suffix}", "appnp")[0])  # seeds 0-9
-        for point, role in confirmed_points(suffix).items():
+        grid = grid_summaries(suffix)  # seeds 0-9, as the selection saw them
+        for point, role in confirmed_points(grid).items():
             smp = summary(multiplier_job(suffix, *point, seed=CONFIRM_SEED)[0])
             fresh = differences(smp, appnp)
-            both = [*differences(summary(multiplier_job(suffix, *point)[0]), appnp_first),
-                    *fresh]
+            both = [*differences(grid[point], appnp_first), *fresh]
             all_splits = "–" if not both else (f"{mean_std(both)[0]:+.2f} "
                                                f"({paired(None, None, both)})")
             n = "/".join("–" if s is None else str(len(s["runs"])) for s in (smp, appnp))
@@ -831,14 +832,16 @@ def main() -> None:
     args = parser.parse_args()
     restore_jobs()
     if not args.table_only:
-        todo = [(OUT / name, overrides, RUN_SHARDS if "coauthor" in name else 1,
-                 args.depth_runs if group == "depth" else 10)
-                for group in args.groups for name, overrides in jobs(group)
-                if args.only is None or name in args.only]
-        run_all(todo, args.parallel)
+        def queued(group: str, pairs: list[tuple[str, list[str]]]) -> list[tuple]:
+            """run_all's entries for a group's (name, overrides) pairs that --only keeps."""
+            return [(OUT / name, overrides, RUN_SHARDS if "coauthor" in name else 1,
+                     args.depth_runs if group == "depth" else 10)
+                    for name, overrides in pairs if args.only is None or name in args.only]
+
+        run_all([entry for group in args.groups for entry in queued(group, jobs(group))],
+                args.parallel)
         if "multiplier" in args.groups:  # the grid has run: what it selected, on fresh splits
-            run_all([(OUT / name, overrides, 1, 10) for name, overrides in confirmation_jobs()
-                     if args.only is None or name in args.only], args.parallel)
+            run_all(queued("multiplier", confirmation_jobs()), args.parallel)
         retrain_trace_runs(args.parallel)
     if args.groups == ["emp"]:  # its own file: the other groups' jobs need not exist
         print(write_emp_markdown())
