@@ -19,6 +19,7 @@ from gnnq.errors import GnnqError, choice_error
 
 CONF_DIR_ENV = "GNNQ_CONFIG_DIR"
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 
 log = logging.getLogger("gnnq")
 
@@ -237,15 +238,20 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0 if args else EXIT_USER_ERROR
-    command, rest = args[0], args[1:]
     try:
-        if command not in SUBCOMMANDS:
-            raise choice_error("command", command, SUBCOMMANDS)
-        _quiet_third_party_noise()
-        return SUBCOMMANDS[command][1](rest)
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(usage())
+            code = 0 if args else EXIT_USER_ERROR
+        elif args[0] not in SUBCOMMANDS:
+            raise choice_error("command", args[0], SUBCOMMANDS)
+        else:
+            _quiet_third_party_noise()
+            code = SUBCOMMANDS[args[0]][1](args[1:])
+        sys.stdout.flush()  # a reader that stopped early shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `gnnq ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiets the last flush
+        return EXIT_BROKEN_PIPE
     except GnnqError as err:
         print(f"gnnq: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

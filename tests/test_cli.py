@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from gnnq.errors import GnnqError
 
-from conftest import assert_clean_error, free_port, requires_shared_data, run_gnnq
+from conftest import GNNQ, assert_clean_error, free_port, requires_shared_data, run_gnnq
 
 FAST = ["trainer.epochs=5", "trainer.progress=none"]
 
@@ -20,6 +22,16 @@ def test_help_lists_subcommands(tmp_path):
     assert proc.returncode == 0
     assert "train" in proc.stdout
 
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`gnnq --help | head -1`: the pipe's reader is gone before gnnq writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        proc = subprocess.run([*GNNQ, "--help"], cwd=tmp_path, stdout=closed_pipe,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.stderr == ""
+    assert proc.returncode == 128 + 13
 
 def test_unknown_subcommand(tmp_path):
     assert_clean_error(run_gnnq("trian", cwd=tmp_path), "Unknown command 'trian'", "train")
