@@ -316,11 +316,10 @@ def bracket(ci: Optional[tuple[float, float]]) -> str:
     return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
-def paired(a: Optional[dict], b: Optional[dict], diffs: Optional[list[float]] = None) -> str:
-    """The splits where a is ahead of / behind b, the differences' sample std, the paired t
-    statistic and the 95 % confidence interval of the mean difference; "–" with fewer than
-    two common splits. ``diffs``: given differences instead."""
-    diffs = differences(a, b) if diffs is None else diffs
+def paired(diffs: list[float]) -> str:
+    """Of paired differences a − b (``differences``): the splits where a is ahead / behind, the
+    sample std, the paired t statistic and the 95 % confidence interval of the mean; "–" with
+    fewer than two."""
     if len(diffs) < 2:
         return "–"
     mean, std = mean_std(diffs)
@@ -435,14 +434,14 @@ def multiplier_selection() -> tuple[str, list[str]]:
             bound = f"{MULTIPLIER_BOUND:g}" if bounded else "–"
             rows.append(f"| {label} | {lr:g} | {bound} | "
                         f"{cell(smp, 'val')} | {cell(smp)} | {gap(smp, appnp)} | "
-                        f"{paired(smp, appnp)} | {cell(smp, 'best_test')} | {n} | "
+                        f"{paired(differences(smp, appnp))} | {cell(smp, 'best_test')} | {n} | "
                         f"{'✔' if (lr, bounded) == chosen else ''} |")
         best = grid.get(chosen)
         ahead = lead(best, appnp)
         if ahead is not None:
             picked.append(f"{label}: {setting(chosen)}, SMP − APPNP = {ahead:+.2f} pp "
                           f"({against_target(suffix, ahead)}; splits ahead / behind, std, "
-                          f"paired t, 95 % CI: {paired(best, appnp)})")
+                          f"paired t, 95 % CI: {paired(differences(best, appnp))})")
     return "\n".join(rows), picked
 
 
@@ -470,12 +469,11 @@ def confirmation_table() -> tuple[str, list[str], list[str]]:
             smp = summary(multiplier_job(suffix, *point, seed=CONFIRM_SEED)[0])
             fresh = differences(smp, appnp)
             both = [*differences(grid[point], appnp_first), *fresh]
-            all_splits = "–" if not both else (f"{mean_std(both)[0]:+.2f} "
-                                               f"({paired(None, None, both)})")
+            all_splits = "–" if not both else f"{mean_std(both)[0]:+.2f} ({paired(both)})"
             n = "/".join("–" if s is None else str(len(s["runs"])) for s in (smp, appnp))
             name = f"{setting(point)} ({role})".replace("|", "\\|")  # bars inside a cell
             rows.append(f"| {CORA[suffix][0]} | {name} | {cell(smp)} | {cell(appnp)} | "
-                        f"{gap(smp, appnp)} | {paired(None, None, fresh)} | "
+                        f"{gap(smp, appnp)} | {paired(fresh)} | "
                         f"{cell(smp, 'best_test')} | {cell(appnp, 'best_test')} | {n} | "
                         f"{all_splits} |")
             ahead = lead(smp, appnp)

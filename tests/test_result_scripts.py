@@ -272,9 +272,10 @@ def test_the_multiplier_grid_selects_on_validation_and_never_on_test(tmp_path, m
     # the 95 % interval is 3 ± t(0.975, 1 dof) · 1.41 / √2 = 3 ± 12.71
     appnp = {"runs": [{"run": 0, "test": 80.0}, {"run": 1, "test": 80.0}]}
     smp = {"runs": [{"run": 1, "test": 84.0}, {"run": 0, "test": 82.0}, {"run": 2, "test": 1.0}]}
-    assert smoothness.paired(smp, appnp) == "2 / 0, 1.41, +3.00, [-9.71, +15.71]"
-    assert smoothness.paired(smp, None) == "–"
-    assert smoothness.paired(None, None, [2.0, 4.0]) == "2 / 0, 1.41, +3.00, [-9.71, +15.71]"
+    assert (smoothness.paired(smoothness.differences(smp, appnp))
+            == "2 / 0, 1.41, +3.00, [-9.71, +15.71]")
+    assert smoothness.paired(smoothness.differences(smp, None)) == "–"
+    assert smoothness.paired([2.0, 4.0]) == "2 / 0, 1.41, +3.00, [-9.71, +15.71]"
 
 
 def test_the_interval_of_a_lead_says_where_the_target_lies():
