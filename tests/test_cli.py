@@ -33,6 +33,7 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     assert proc.stderr == ""
     assert proc.returncode == 128 + 13
 
+
 def test_unknown_subcommand(tmp_path):
     assert_clean_error(run_gnnq("trian", cwd=tmp_path), "Unknown command 'trian'", "train")
 
