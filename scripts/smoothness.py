@@ -112,7 +112,8 @@ EMP_COLUMNS = (*PROPAGATIONS, "emp")
 # decide how far SMP moves from APPNP, at the widths where SMP must lead it. (η_λ, bounded)
 # pairs; the released pair is the "cora" group's job. One per width is selected by mean
 # validation accuracy over the 10 splits, never by test.
-RELEASED_MULTIPLIER_LR = 1e-5  # the released value, conf/model/smp.yaml's default
+# The released value is the model default, so its jobs need no override; read, not repeated.
+RELEASED_MULTIPLIER_LR = OmegaConf.load(ROOT / "conf" / "model" / "smp.yaml").multiplier_lr
 MULTIPLIER_GRID = ((RELEASED_MULTIPLIER_LR, False), (RELEASED_MULTIPLIER_LR, True),
                    (1e-4, True), (1e-3, True))
 # The selected setting, the released one and APPNP again on 10 splits the selection never saw
@@ -413,7 +414,7 @@ def official_table() -> str:
                      f"{appnp_official - appnp_ours:+.2f} pp; SMP − APPNP is "
                      f"{smp_official - appnp_official:+.2f} pp with them, "
                      f"{smp_ours - appnp_ours:+.2f} pp with ours")
-    return "\n".join(rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+    return "\n".join(rows) + sentence("\n\n", notes)
 
 
 def multiplier_selection() -> tuple[str, list[str]]:
@@ -801,7 +802,7 @@ to the correction.
 {"![depth](smoothness_depth.png)" if plot else "(depth sweep not run yet)"}
 """
     if notes:
-        text += "\n" + "; ".join(notes) + ".\n"
+        text += sentence("\n", notes) + "\n"
     if misses:
         parts = (sentence("Targets missed (primary protocol, released constants): ", misses),
                  sentence("With the multiplier's constants selected on validation (section "
